@@ -1,0 +1,129 @@
+"""The one interface every captioner implements, and the registry of captioners by name.
+
+A captioner takes a batch of RGB frames (uint8, H x W x 3 each) and returns one
+`CaptionResult` per frame plus per-stage timings for the batch. Heavy model modules are
+imported only when their captioner is built (lmms-eval style lazy registry).
+"""
+
+from __future__ import annotations
+
+import importlib
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from pipeline.errors import CaptionerError
+
+if TYPE_CHECKING:
+    from captioner.settings import CaptionerSettings
+
+
+@dataclass(frozen=True)
+class CaptionResult:
+    """What a captioner says about one frame."""
+
+    caption: str  # the final caption
+    coarse_caption: str | None = None  # MM-SeR: the first-pass caption
+    refine_passes: int = 0  # MM-SeR: refinement passes actually taken
+    tags: tuple[str, ...] = ()  # Tag2Text: recognised tags
+
+
+@dataclass
+class CaptionBatch:
+    """One result per input frame, in order, and wall-clock seconds per stage of the batch."""
+
+    results: list[CaptionResult]
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class Captioner(ABC):
+    """Base class: subclasses implement `caption_batch` and `identity`."""
+
+    name: str = ""
+
+    @abstractmethod
+    def caption_batch(self, frames: Sequence[np.ndarray] | np.ndarray) -> CaptionBatch:
+        """Caption frames: a sequence of (H, W, 3) uint8 arrays or one (N, H, W, 3) array."""
+
+    @abstractmethod
+    def identity(self) -> dict[str, Any]:
+        """Everything that changes the captions (name, checkpoint fingerprint, generation
+        settings): the caption cache's key includes it."""
+
+
+def check_frames(frames: Sequence[np.ndarray] | np.ndarray) -> list[np.ndarray]:
+    """Validate a batch of frames and return a list of (H, W, 3) uint8 RGB arrays.
+
+    Documented conversions: grayscale (H, W) or (H, W, 1) is repeated to 3 channels; RGBA
+    (H, W, 4) drops alpha. Anything else raises CaptionerError naming the frame and reason.
+    """
+    if isinstance(frames, np.ndarray):
+        if frames.ndim == 4:
+            frames = list(frames)
+        elif frames.ndim in (2, 3):
+            raise CaptionerError(
+                f"expected a batch of frames (N, H, W, 3) or a list of frames, got one array "
+                f"of shape {frames.shape}; wrap a single frame in a list"
+            )
+        else:
+            raise CaptionerError(f"expected frames of shape (N, H, W, 3), got {frames.shape}")
+    frames = list(frames)
+    if not frames:
+        raise CaptionerError("empty batch: at least one frame is needed")
+    out = []
+    for i, frame in enumerate(frames):
+        if not isinstance(frame, np.ndarray):
+            raise CaptionerError(f"frame {i}: expected a numpy array, got {type(frame).__name__}")
+        if frame.dtype != np.uint8:
+            raise CaptionerError(f"frame {i}: expected dtype uint8 (0-255 RGB), got {frame.dtype}")
+        if frame.ndim == 2:
+            frame = np.repeat(frame[:, :, None], 3, axis=2)
+        elif frame.ndim == 3 and frame.shape[2] == 1:
+            frame = np.repeat(frame, 3, axis=2)
+        elif frame.ndim == 3 and frame.shape[2] == 4:
+            frame = np.ascontiguousarray(frame[:, :, :3])
+        elif not (frame.ndim == 3 and frame.shape[2] == 3):
+            raise CaptionerError(
+                f"frame {i}: expected shape (H, W, 3) RGB, got {frame.shape}"
+            )
+        if frame.shape[0] < 2 or frame.shape[1] < 2:
+            raise CaptionerError(f"frame {i}: image too small, shape {frame.shape}")
+        out.append(frame)
+    return out
+
+
+# --- registry -------------------------------------------------------------------------
+# name -> "module:function". The function takes CaptionerSettings (and keyword overrides)
+# and returns a Captioner. Modules are imported only when that captioner is built.
+_REGISTRY: dict[str, str] = {
+    "simple": "captioner.mmser:build_simple_captioner",
+    "mmser": "captioner.mmser:build_mmser_captioner",
+    "llava15": "captioner.llava15:build_llava15_captioner",
+    "tag2text": "captioner.tag2text:build_tag2text_captioner",
+}
+
+
+def registered_captioners() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def register_captioner(name: str, target: str) -> None:
+    """Register `name` -> "module:function"; a duplicate name is refused."""
+    if name in _REGISTRY:
+        raise CaptionerError(f"captioner {name!r} is already registered ({_REGISTRY[name]})")
+    _REGISTRY[name] = target
+
+
+def build_captioner(settings: CaptionerSettings, name: str | None = None, **kwargs: Any) -> Captioner:
+    """Build the captioner `name` (default: settings.name) from its settings."""
+    name = name or settings.name
+    if name not in _REGISTRY:
+        raise CaptionerError(
+            f"unknown captioner {name!r}; known captioners: {', '.join(registered_captioners())}"
+        )
+    module_name, func_name = _REGISTRY[name].split(":")
+    factory = getattr(importlib.import_module(module_name), func_name)
+    return factory(settings, **kwargs)

@@ -1,0 +1,60 @@
+"""Settings of the captioning stage (the `captioner:` section of config.yaml)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from captioner.baseline_settings import Llava15Settings, Tag2TextSettings
+
+
+@dataclass
+class GenerationSettings:
+    """Decoding settings shared by every captioner, so comparisons are fair."""
+
+    prompt: str = "Describe the image in detail."
+    max_new_tokens: int = 60
+    # Set equal to max_new_tokens in benchmarks so random weights cannot stop early.
+    min_new_tokens: int = 0
+    num_beams: int = 1
+
+
+@dataclass
+class SimpleSettings:
+    """The single-pass "simple model" (CLIP ViT-L/14-336 + MLP projector + OPT-125M)."""
+
+    # A saved checkpoint directory; null builds from `vision_model` + `language_model`.
+    checkpoint: str | None = None
+    vision_model: str = "openai/clip-vit-large-patch14-336"
+    language_model: str = "facebook/opt-125m"
+
+
+@dataclass
+class MMSeRSettings:
+    """MM-SeR: the simple model plus SeR-Connector self-refinement."""
+
+    checkpoint: str | None = None
+    vision_model: str = "openai/clip-vit-large-patch14-336"
+    language_model: str = "facebook/opt-125m"
+    # Refinement passes: 0 is the simple model, 1 the paper's setting, N iterative.
+    refine_steps: int = 1
+    # Skip refinement for a frame whose coarse caption's mean token probability is at
+    # least this (null: always refine).
+    confidence_threshold: float | None = None
+
+
+@dataclass
+class CaptionerSettings:
+    # Which captioner: simple, mmser, llava15, tag2text.
+    name: str = "mmser"
+    # Frames per forward pass (frames from different videos share batches).
+    batch_size: int = 32
+    # auto: cuda when available, else cpu.
+    device: str = "auto"
+    # auto: bfloat16 on cuda, float32 on cpu.
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    generation: GenerationSettings = field(default_factory=GenerationSettings)
+    simple: SimpleSettings = field(default_factory=SimpleSettings)
+    mmser: MMSeRSettings = field(default_factory=MMSeRSettings)
+    llava15: Llava15Settings = field(default_factory=Llava15Settings)
+    tag2text: Tag2TextSettings = field(default_factory=Tag2TextSettings)
