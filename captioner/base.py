@@ -96,13 +96,16 @@ def check_frames(frames: Sequence[np.ndarray] | np.ndarray) -> list[np.ndarray]:
 
 
 # --- registry -------------------------------------------------------------------------
-# name -> "module:function". The function takes CaptionerSettings (and keyword overrides)
-# and returns a Captioner. Modules are imported only when that captioner is built.
+# name -> the module that implements it. Each module defines
+#   build(settings: CaptionerSettings, name: str, **kwargs) -> Captioner
+#   parameter_counts(settings: CaptionerSettings, name: str) -> dict[str, int]
+# (the second: per-component parameter counts at the real architecture size, built on the
+# meta device, no weights). Modules are imported only when that captioner is used.
 _REGISTRY: dict[str, str] = {
-    "simple": "captioner.mmser:build_simple_captioner",
-    "mmser": "captioner.mmser:build_mmser_captioner",
-    "llava15": "captioner.llava15:build_llava15_captioner",
-    "tag2text": "captioner.tag2text:build_tag2text_captioner",
+    "simple": "captioner.mmser",
+    "mmser": "captioner.mmser",
+    "llava15": "captioner.llava15",
+    "tag2text": "captioner.tag2text",
 }
 
 
@@ -110,20 +113,30 @@ def registered_captioners() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def register_captioner(name: str, target: str) -> None:
-    """Register `name` -> "module:function"; a duplicate name is refused."""
+def register_captioner(name: str, module: str) -> None:
+    """Register `name` -> module path; a duplicate name is refused."""
     if name in _REGISTRY:
         raise CaptionerError(f"captioner {name!r} is already registered ({_REGISTRY[name]})")
-    _REGISTRY[name] = target
+    _REGISTRY[name] = module
 
 
-def build_captioner(settings: CaptionerSettings, name: str | None = None, **kwargs: Any) -> Captioner:
-    """Build the captioner `name` (default: settings.name) from its settings."""
-    name = name or settings.name
+def captioner_module(name: str) -> Any:
+    """The module implementing captioner `name`; unknown names raise listing known ones."""
     if name not in _REGISTRY:
         raise CaptionerError(
             f"unknown captioner {name!r}; known captioners: {', '.join(registered_captioners())}"
         )
-    module_name, func_name = _REGISTRY[name].split(":")
-    factory = getattr(importlib.import_module(module_name), func_name)
-    return factory(settings, **kwargs)
+    return importlib.import_module(_REGISTRY[name])
+
+
+def build_captioner(
+    settings: CaptionerSettings, name: str | None = None, **kwargs: Any
+) -> Captioner:
+    """Build the captioner `name` (default: settings.name) from its settings."""
+    name = name or settings.name
+    return captioner_module(name).build(settings, name, **kwargs)
+
+
+def parameter_counts(settings: CaptionerSettings, name: str) -> dict[str, int]:
+    """Per-component parameter counts of captioner `name` at its real size (meta device)."""
+    return captioner_module(name).parameter_counts(settings, name)
