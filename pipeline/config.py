@@ -55,6 +55,18 @@ class SamplingSettings:
     # decord's own threads per video; 1 because parallelism comes from Ray workers.
     num_threads: int = 1
 
+    def validate(self) -> None:
+        if self.fps <= 0:
+            raise ValueError(f"fps must be > 0, got {self.fps}")
+        if self.num_frames < 1:
+            raise ValueError(f"num_frames must be >= 1, got {self.num_frames}")
+        if self.resize is not None and (len(self.resize) != 2 or min(self.resize) < 2):
+            raise ValueError(f"resize must be null or [width, height] >= 2, got {self.resize}")
+        if self.decode_timeout_s <= 0:
+            raise ValueError(f"decode_timeout_s must be > 0, got {self.decode_timeout_s}")
+        if self.num_threads < 0:
+            raise ValueError(f"num_threads must be >= 0 (0: decord's default), got {self.num_threads}")
+
 
 @dataclass
 class RaySettings:
@@ -70,6 +82,14 @@ class RaySettings:
     cpu_caption_actors: int = 1
     # Use Ray at all; false runs every stage serially in this process (for debugging).
     enabled: bool = True
+
+    def validate(self) -> None:
+        if self.decode_workers < 1:
+            raise ValueError(f"decode_workers must be >= 1, got {self.decode_workers}")
+        if self.cpu_caption_actors < 1:
+            raise ValueError(f"cpu_caption_actors must be >= 1, got {self.cpu_caption_actors}")
+        if self.num_cpus is not None and self.num_cpus < 1:
+            raise ValueError(f"num_cpus must be null or >= 1, got {self.num_cpus}")
 
 
 @dataclass

@@ -1,0 +1,122 @@
+"""The typed config: defaults load, overrides apply, wrong keys and values are named."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.config import DEFAULT_CONFIG_PATH, Config, config_from_dict, load_config
+from pipeline.errors import ConfigError
+
+
+def test_default_config_loads_with_its_documented_values():
+    config = load_config()
+    assert config.sampling.policy == "fps"
+    assert config.sampling.fps == 1.0
+    assert config.reader.model == "Qwen/Qwen2.5-14B-Instruct"
+    assert config.captioner.name == "mmser"
+    assert set(config.datasets) >= {"egoschema", "demo"}
+
+
+def _leaf_paths(obj, prefix=""):
+    if dataclasses.is_dataclass(obj):
+        for f in dataclasses.fields(obj):
+            yield from _leaf_paths(getattr(obj, f.name), f"{prefix}{f.name}.")
+    elif isinstance(obj, dict) and obj and all(dataclasses.is_dataclass(v) for v in obj.values()):
+        for k, v in obj.items():
+            yield from _leaf_paths(v, f"{prefix}{k}.")
+    else:
+        yield prefix[:-1]
+
+
+def test_config_yaml_spells_out_every_schema_key():
+    """config.yaml is the documentation of every default: no schema key may be missing."""
+    raw = yaml.safe_load(DEFAULT_CONFIG_PATH.read_text())
+    missing = []
+    for path in _leaf_paths(load_config()):
+        node = raw
+        for part in path.split("."):
+            if not isinstance(node, dict) or part not in node:
+                missing.append(path)
+                break
+            node = node[part]
+    assert not missing, f"keys in the schema but not in config.yaml: {missing}"
+
+
+def test_every_config_yaml_key_has_a_comment():
+    lines = DEFAULT_CONFIG_PATH.read_text().splitlines()
+    uncommented = []
+    for i, line in enumerate(lines):
+        stripped = line.strip()
+        if not stripped or stripped.startswith("#") or stripped.startswith("- "):
+            continue
+        if "#" in line:
+            continue
+        # A section header or key is documented by a comment line just above it.
+        previous = lines[i - 1].strip() if i else ""
+        if stripped.endswith(":") or previous.startswith("#"):
+            continue
+        uncommented.append(stripped)
+    # The demo dataset repeats the egoschema entry's documented keys.
+    uncommented = [u for u in uncommented if not u.startswith(("download:", "hf_repo:",
+                                                                "subset_only:", "format:"))]
+    assert not uncommented, f"config.yaml keys without a comment: {uncommented}"
+
+
+def test_overrides_are_parsed_as_yaml_and_typed():
+    config = load_config(overrides=["sampling.fps=0.5", "sampling.resize=null",
+                                    "ray.address=auto", "sampling.policy=uniform"])
+    assert config.sampling.fps == 0.5
+    assert config.sampling.resize is None
+    assert config.ray.address == "auto"
+    assert config.sampling.policy == "uniform"
+
+
+def test_int_is_accepted_for_float_but_not_the_reverse():
+    assert load_config(overrides=["sampling.fps=2"]).sampling.fps == 2.0
+    with pytest.raises(ConfigError, match=r"sampling.num_frames.*2.5.*int"):
+        load_config(overrides=["sampling.num_frames=2.5"])
+
+
+@pytest.mark.parametrize(
+    ("override", "pattern"),
+    [
+        ("sampling.bogus=1", r"unknown config key 'sampling.bogus'.*allowed keys.*fps"),
+        ("nonsense=1", r"unknown config key 'nonsense'.*sampling"),
+        ("sampling.fps=fast", r"'sampling.fps': got 'fast', expected float"),
+        ("sampling.policy=random", r"'sampling.policy'.*'random'.*one of 'fps', 'uniform'"),
+        ("ray.enabled=maybe", r"'ray.enabled'.*'maybe'.*bool"),
+        ("sampling.resize=[336]", r"resize must be null or \[width, height\]"),
+        ("sampling.fps=0", r"fps must be > 0"),
+        ("sampling.num_frames=true", r"'sampling.num_frames'.*True.*int"),
+        ("datasets.demo.format=zip", r"'datasets.demo.format'.*'zip'"),
+        ("sampling", r"expected key.sub=value"),
+    ],
+)
+def test_bad_keys_and_values_name_the_key_value_and_allowed(override, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        load_config(overrides=[override])
+
+
+def test_bad_files_are_named(tmp_path: Path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("sampling: [unclosed\n")
+    with pytest.raises(ConfigError, match=r"broken.yaml is not valid YAML"):
+        load_config(broken)
+    listed = tmp_path / "list.yaml"
+    listed.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_config(listed)
+
+
+def test_partial_config_takes_defaults_for_the_rest():
+    config = config_from_dict({"sampling": {"fps": 2.0}})
+    assert isinstance(config, Config)
+    assert config.sampling.fps == 2.0
+    assert config.sampling.policy == "fps"
+    assert config.ray.decode_workers == 2
