@@ -16,11 +16,14 @@ def write_video(
     codec: str = "libx264",
     pts_seconds: Iterable[float] | None = None,
     crf: int = 23,
+    faststart: bool = False,
 ) -> Path:
     """Encode RGB uint8 frames (H, W, 3) to `path`.
 
     `pts_seconds`, when given, sets each frame's presentation time (variable frame rate);
     otherwise frames are spaced 1/fps apart. H and W must be even for yuv420p.
+    `faststart` puts the MP4 index (moov) first, as streaming files do: a truncated copy of
+    such a file still opens, and fails only where the missing data is read.
     """
     import av  # PyAV: only needed where videos are generated
 
@@ -28,7 +31,8 @@ def write_video(
     path.parent.mkdir(parents=True, exist_ok=True)
     time_base = Fraction(1, 90000)
     times = iter(pts_seconds) if pts_seconds is not None else None
-    with av.open(str(path), mode="w") as container:
+    options = {"movflags": "+faststart"} if faststart else {}
+    with av.open(str(path), mode="w", options=options) as container:
         stream = None
         for i, frame in enumerate(frames):
             if stream is None:
@@ -54,23 +58,43 @@ def write_video(
 
 # Frame-index stamping: each frame carries its index as a row of black/white blocks, so
 # a test can read back which frame the decoder returned, whatever the codec did to it.
+# Block sizes are fractions of the frame size, so the index survives a resize at decode.
 INDEX_BITS = 12
+_CELLS_ACROSS = INDEX_BITS + 4  # blocks per frame width (4 spare keep the row off the edge)
+_CELLS_DOWN = 8  # block height as a fraction of the frame height
 
 
-def stamp_index(frame: np.ndarray, index: int, block: int = 8) -> np.ndarray:
-    """Draw `index` in binary as INDEX_BITS blocks of `block` px along the top row."""
+def _cell(frame: np.ndarray, bit: int) -> tuple[slice, slice]:
+    height, width = frame.shape[:2]
+    bw, bh = width / _CELLS_ACROSS, height / _CELLS_DOWN
+    return slice(0, int(round(bh))), slice(int(round(bit * bw)), int(round((bit + 1) * bw)))
+
+
+def stamp_index(frame: np.ndarray, index: int) -> np.ndarray:
+    """Draw `index` (< 2**INDEX_BITS) in binary as blocks along the top of `frame` (H, W, 3)."""
+    if not 0 <= index < 2**INDEX_BITS:
+        raise ValueError(f"frame index {index} does not fit in {INDEX_BITS} bits")
     for bit in range(INDEX_BITS):
-        value = 255 if (index >> bit) & 1 else 0
-        frame[:block, bit * block : (bit + 1) * block] = value
+        rows, cols = _cell(frame, bit)
+        frame[rows, cols] = 255 if (index >> bit) & 1 else 0
     return frame
 
 
-def read_index(frame: np.ndarray, block: int = 8) -> int:
-    """Read back the index drawn by `stamp_index` (robust to compression noise)."""
+def _middle(span: slice) -> slice:
+    quarter = (span.stop - span.start) // 4
+    return slice(span.start + quarter, span.stop - quarter)
+
+
+def read_index(frame: np.ndarray) -> int:
+    """Read back the index drawn by `stamp_index`, at any size the frame was decoded to.
+
+    Only the middle half of each block is read, so compression noise and the blur a resize
+    leaves at block edges do not matter.
+    """
     index = 0
     for bit in range(INDEX_BITS):
-        cell = frame[1 : block - 1, bit * block + 1 : (bit + 1) * block - 1]
-        if cell.mean() > 127:
+        rows, cols = _cell(frame, bit)
+        if frame[_middle(rows), _middle(cols)].mean() > 127:
             index |= 1 << bit
     return index
 
@@ -84,9 +108,32 @@ def indexed_frames(num_frames: int, width: int = 160, height: int = 120) -> Iter
 
 def write_indexed_video(
     path: str | Path, num_frames: int, fps: float = 30.0, width: int = 160, height: int = 120,
-    pts_seconds: Iterable[float] | None = None,
+    pts_seconds: Iterable[float] | None = None, faststart: bool = False,
 ) -> Path:
     """A video whose every frame carries its own index (see `stamp_index`)."""
     return write_video(
-        path, indexed_frames(num_frames, width, height), fps=fps, pts_seconds=pts_seconds, crf=18
+        path, indexed_frames(num_frames, width, height), fps=fps, pts_seconds=pts_seconds,
+        crf=18, faststart=faststart,
     )
+
+
+def textured_frames(
+    num_frames: int, width: int = 640, height: int = 480, seed: int = 0
+) -> Iterable[np.ndarray]:
+    """Camera-like frames: a detailed random texture panning across the view, index stamped.
+
+    Unlike flat frames these cost the encoder and the decoder real work (benchmarks).
+    """
+    rng = np.random.default_rng(seed)
+    # Coarse colour blobs plus fine grain, on a canvas twice the frame size to pan over.
+    coarse = rng.integers(0, 256, (height // 16, width // 16, 3), dtype=np.uint8)
+    canvas = np.kron(coarse, np.ones((32, 32, 1), dtype=np.uint8))
+    canvas = (canvas.astype(np.int16) + rng.integers(-24, 25, canvas.shape)).clip(0, 255)
+    canvas = canvas.astype(np.uint8)
+    span_y, span_x = canvas.shape[0] - height, canvas.shape[1] - width
+    for i in range(num_frames):
+        # A slow elliptical pan, so consecutive frames differ as in a hand-held video.
+        angle = 2 * np.pi * i / 900
+        y = int((0.5 + 0.5 * np.sin(angle)) * span_y)
+        x = int((0.5 + 0.5 * np.cos(angle)) * span_x)
+        yield stamp_index(canvas[y : y + height, x : x + width].copy(), i % 2**INDEX_BITS)
