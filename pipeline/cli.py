@@ -14,7 +14,6 @@ Every command takes `--config FILE` and any number of `--set key.sub=value` over
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import time

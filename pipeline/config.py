@@ -65,7 +65,9 @@ class SamplingSettings:
         if self.decode_timeout_s <= 0:
             raise ValueError(f"decode_timeout_s must be > 0, got {self.decode_timeout_s}")
         if self.num_threads < 0:
-            raise ValueError(f"num_threads must be >= 0 (0: decord's default), got {self.num_threads}")
+            raise ValueError(
+                f"num_threads must be >= 0 (0: decord's default), got {self.num_threads}"
+            )
 
 
 @dataclass

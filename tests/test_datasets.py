@@ -126,7 +126,8 @@ def test_folder_archive_finds_videos_recursively(tmp_path: Path):
         path.write_bytes(b"x")
     items = find_videos(tmp_path / "arch")
     assert sorted(i.video_id for i in items) == ["a/b/two", "a/one", "c/four", "three"]
-    ds = load_dataset("arch", {"arch": DatasetSettings(format="folder", root=str(tmp_path / "arch"))})
+    archive = DatasetSettings(format="folder", root=str(tmp_path / "arch"))
+    ds = load_dataset("arch", {"arch": archive})
     assert len(ds.videos) == 4 and ds.questions == []
     with pytest.raises(DatasetError, match="no such file or folder"):
         find_videos(tmp_path / "missing")

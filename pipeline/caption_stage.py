@@ -1,0 +1,287 @@
+"""Captioning stage: decoded videos in, captioned videos out, frames batched across videos.
+
+`CaptionWorker` is the model stage as a small stateful callable (Ray Data style): it loads
+the captioner once and captions one batch per call. It runs in-process (serial path, tests)
+or as a Ray actor: one per GPU with `num_gpus=1`, or `ray.cpu_caption_actors` CPU actors.
+
+`caption_videos` is the scheduler between the decode stream and the workers: it packs
+frames of different videos into batches of `captioner.batch_size`, keeps a bounded number
+of batches in flight per worker (backpressure: it stops pulling decoded videos while the
+workers are busy, so memory stays bounded), and yields each video as soon as all of its
+frames are captioned. A failed batch is split by video and each part retried once; a video
+that fails again is yielded as a `CaptionFailure`, and the others go on.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from captioner.base import CaptionBatch, Captioner, CaptionResult, build_captioner
+from captioner.settings import CaptionerSettings
+from pipeline.config import RaySettings
+from pipeline.records import SampledFrames
+
+log = logging.getLogger(__name__)
+
+# Batches in flight per worker: 2 lets the next batch be queued while one runs.
+BATCHES_IN_FLIGHT_PER_WORKER = 2
+
+
+@dataclass
+class CaptionedVideo:
+    """All captions of one video, in frame order."""
+
+    frames: SampledFrames  # frames.frames is dropped (set to an empty array) once captioned
+    results: list[CaptionResult]
+    caption_seconds: float  # this video's share of the batches' wall-clock
+
+
+@dataclass
+class CaptionFailure:
+    video_id: str
+    path: str
+    reason: str
+    stage: str = "caption"
+
+
+class CaptionWorker:
+    """Loads a captioner once; `__call__` captions one batch (N, H, W, 3) uint8."""
+
+    def __init__(self, settings: CaptionerSettings, name: str | None = None,
+                 torch_threads: int | None = None) -> None:
+        if torch_threads:
+            import torch
+
+            torch.set_num_threads(torch_threads)
+        self.captioner: Captioner = build_captioner(settings, name)
+
+    def __call__(self, frames: np.ndarray) -> CaptionBatch:
+        return self.captioner.caption_batch(frames)
+
+    def ping(self) -> bool:
+        return True
+
+
+@dataclass
+class _Pending:
+    """A video whose frames are (partly) in flight."""
+
+    frames: SampledFrames
+    results: list[CaptionResult | None]
+    remaining: int
+    seconds: float = 0.0
+    failed: str | None = None
+
+
+@dataclass
+class _Batch:
+    # (video_id, frame index within the video) per row of `pixels`
+    slots: list[tuple[str, int]]
+    pixels: np.ndarray
+    retry: bool = False
+    worker: int = 0
+    started: float = field(default_factory=time.perf_counter)
+
+
+def _gpu_count() -> int:
+    import ray
+
+    return int(ray.cluster_resources().get("GPU", 0))
+
+
+class _RayWorkers:
+    """A pool of CaptionWorker actors with per-worker in-flight accounting."""
+
+    def __init__(self, settings: CaptionerSettings, ray_settings: RaySettings) -> None:
+        import ray
+
+        gpus = _gpu_count()
+        if gpus:
+            count, options = gpus, {"num_gpus": 1, "num_cpus": 1}
+            threads = None
+        else:
+            count = ray_settings.cpu_caption_actors
+            cpus = max(1, int(ray.cluster_resources().get("CPU", 1)) // (count + 1))
+            options, threads = {"num_cpus": 1}, cpus
+        actor_cls = ray.remote(CaptionWorker).options(
+            max_restarts=1, max_task_retries=1, **options
+        )
+        self.actors = [actor_cls.remote(settings, None, threads) for _ in range(count)]
+        self.in_flight = [0] * count
+        self._refs: dict[Any, _Batch] = {}
+
+    def capacity(self) -> int:
+        return BATCHES_IN_FLIGHT_PER_WORKER * len(self.actors) - len(self._refs)
+
+    def submit(self, batch: _Batch) -> None:
+        worker = int(np.argmin(self.in_flight))
+        batch.worker = worker
+        batch.started = time.perf_counter()
+        ref = self.actors[worker].__call__.remote(batch.pixels)
+        self.in_flight[worker] += 1
+        self._refs[ref] = batch
+
+    def busy(self) -> bool:
+        return bool(self._refs)
+
+    def wait(self, block: bool) -> list[tuple[_Batch, CaptionBatch | Exception]]:
+        import ray
+
+        if not self._refs:
+            return []
+        ready, _ = ray.wait(list(self._refs), num_returns=1, timeout=None if block else 0)
+        out = []
+        for ref in ready:
+            batch = self._refs.pop(ref)
+            self.in_flight[batch.worker] -= 1
+            try:
+                out.append((batch, ray.get(ref)))
+            except Exception as exc:  # a crashed actor or a captioner error: this batch only
+                out.append((batch, exc))
+        return out
+
+    def shutdown(self) -> None:
+        import ray
+
+        for actor in self.actors:
+            ray.kill(actor)
+
+
+class _LocalWorkers:
+    """The serial path: one in-process worker, each batch runs at submit time."""
+
+    def __init__(self, worker: CaptionWorker) -> None:
+        self.worker = worker
+        self._done: deque[tuple[_Batch, CaptionBatch | Exception]] = deque()
+
+    def capacity(self) -> int:
+        return 1 - len(self._done)
+
+    def submit(self, batch: _Batch) -> None:
+        batch.started = time.perf_counter()
+        try:
+            self._done.append((batch, self.worker(batch.pixels)))
+        except Exception as exc:
+            self._done.append((batch, exc))
+
+    def busy(self) -> bool:
+        return bool(self._done)
+
+    def wait(self, block: bool) -> list[tuple[_Batch, CaptionBatch | Exception]]:
+        out = list(self._done)
+        self._done.clear()
+        return out
+
+    def shutdown(self) -> None:
+        pass
+
+
+def caption_videos(
+    videos: Iterable[SampledFrames | Any],
+    settings: CaptionerSettings,
+    ray_settings: RaySettings,
+    local_worker: CaptionWorker | None = None,
+) -> Iterator[CaptionedVideo | CaptionFailure | Any]:
+    """Caption every frame of every decoded video; yield videos as they complete.
+
+    Items of `videos` that are not SampledFrames (decode failures) are passed through
+    unchanged, so the caller sees one stream. With `ray_settings.enabled` false (or a
+    `local_worker` given) everything runs in this process.
+    """
+    use_ray = ray_settings.enabled and local_worker is None
+    if use_ray:
+        workers: _RayWorkers | _LocalWorkers = _RayWorkers(settings, ray_settings)
+    else:
+        workers = _LocalWorkers(local_worker or CaptionWorker(settings))
+    batch_size = settings.batch_size
+    pending: dict[str, _Pending] = {}
+    queue: deque[tuple[str, int]] = deque()  # frames waiting for a batch
+    source = iter(videos)
+    exhausted = False
+
+    def make_batch(slots: list[tuple[str, int]], retry: bool = False) -> _Batch:
+        pixels = np.stack([pending[v].frames.frames[i] for v, i in slots])
+        return _Batch(slots=slots, pixels=pixels, retry=retry)
+
+    def finish(video_id: str) -> CaptionedVideo | CaptionFailure:
+        item = pending.pop(video_id)
+        item.frames.frames = item.frames.frames[:0]  # release the pixels
+        if item.failed:
+            return CaptionFailure(video_id, str(item.frames.path), item.failed)
+        return CaptionedVideo(item.frames, list(item.results), item.seconds)  # type: ignore[arg-type]
+
+    def handle(batch: _Batch, outcome: CaptionBatch | Exception) -> Iterator[Any]:
+        touched = {v for v, _ in batch.slots}
+        if isinstance(outcome, Exception):
+            if not batch.retry:
+                log.warning("caption batch of %d frames failed (%s); retrying per video",
+                            len(batch.slots), str(outcome).splitlines()[0] if str(outcome) else
+                            type(outcome).__name__)
+                for video_id in touched:
+                    slots = [s for s in batch.slots if s[0] == video_id]
+                    retry_queue.append(make_batch(slots, retry=True))
+                return
+            for video_id in touched:
+                item = pending[video_id]
+                item.failed = item.failed or f"captioning failed twice: {outcome}"
+                item.remaining -= sum(1 for v, _ in batch.slots if v == video_id)
+        else:
+            if len(outcome.results) != len(batch.slots):
+                raise RuntimeError(
+                    f"captioner returned {len(outcome.results)} results for "
+                    f"{len(batch.slots)} frames"
+                )
+            elapsed = sum(outcome.timings.values()) or (time.perf_counter() - batch.started)
+            for (video_id, index), result in zip(batch.slots, outcome.results, strict=True):
+                item = pending[video_id]
+                item.results[index] = result
+                item.remaining -= 1
+                item.seconds += elapsed / len(batch.slots)
+        for video_id in touched:
+            if pending[video_id].remaining == 0:
+                yield finish(video_id)
+
+    retry_queue: deque[_Batch] = deque()
+    try:
+        while True:
+            # Pull decoded videos while there is room for more batches (backpressure).
+            while not exhausted and len(queue) < batch_size * max(workers.capacity(), 1):
+                try:
+                    item = next(source)
+                except StopIteration:
+                    exhausted = True
+                    break
+                if not isinstance(item, SampledFrames):
+                    yield item  # a decode failure: passed through
+                    continue
+                if len(item) == 0:
+                    yield CaptionedVideo(item, [], 0.0)
+                    continue
+                if item.video_id in pending:
+                    raise ValueError(f"video id {item.video_id!r} appears twice in one run")
+                pending[item.video_id] = _Pending(item, [None] * len(item), len(item))
+                queue.extend((item.video_id, i) for i in range(len(item)))
+            # Dispatch retries first, then full batches (a partial one once input has ended).
+            while retry_queue and workers.capacity() > 0:
+                workers.submit(retry_queue.popleft())
+            while workers.capacity() > 0 and (len(queue) >= batch_size or exhausted and queue):
+                slots = [queue.popleft() for _ in range(min(batch_size, len(queue)))]
+                workers.submit(make_batch(slots))
+            if not workers.busy():
+                if exhausted and not queue and not retry_queue:
+                    break
+                continue
+            block = exhausted or workers.capacity() <= 0
+            for batch, outcome in workers.wait(block=block):
+                yield from handle(batch, outcome)
+    finally:
+        workers.shutdown()
+    for video_id in list(pending):  # only reachable if a bug left frames unaccounted
+        yield finish(video_id)
