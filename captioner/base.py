@@ -7,10 +7,13 @@ imported only when their captioner is built (lmms-eval style lazy registry).
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import importlib
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -135,6 +138,48 @@ def build_captioner(
     """Build the captioner `name` (default: settings.name) from its settings."""
     name = name or settings.name
     return captioner_module(name).build(settings, name, **kwargs)
+
+
+def checkpoint_fingerprint(reference: str | None) -> str | None:
+    """A content fingerprint of a local checkpoint file or folder; a hub id stays as it is.
+
+    A copied or moved checkpoint keeps its fingerprint; retrained weights change it.
+    """
+    from pipeline.fingerprint import video_fingerprint  # any file's content fingerprint
+
+    if not reference:
+        return reference
+    path = Path(reference)
+    if path.is_file():
+        return video_fingerprint(path)
+    if path.is_dir():
+        digest = hashlib.blake2b(digest_size=20)
+        for file in sorted(p for p in path.rglob("*") if p.is_file()):
+            digest.update(file.relative_to(path).as_posix().encode())
+            digest.update(video_fingerprint(file).encode())
+        return "dir-" + digest.hexdigest()
+    return reference  # a hub id (or a path that does not exist yet)
+
+
+def captioner_identity(settings: CaptionerSettings, name: str | None = None) -> dict[str, Any]:
+    """Everything that changes captioner `name`'s output, without loading it: its name, its
+    settings with checkpoints replaced by content fingerprints, the generation settings and
+    dtype. The caption cache keys on this (batch size and device do not change captions)."""
+    name = name or settings.name
+    if name not in _REGISTRY:
+        raise CaptionerError(
+            f"unknown captioner {name!r}; known captioners: {', '.join(registered_captioners())}"
+        )
+    own = dataclasses.asdict(getattr(settings, name))
+    for key in ("checkpoint", "vision_model", "language_model"):
+        if key in own:
+            own[key] = checkpoint_fingerprint(own[key])
+    return {
+        "name": name,
+        "settings": own,
+        "generation": dataclasses.asdict(settings.generation),
+        "dtype": settings.dtype,
+    }
 
 
 def parameter_counts(settings: CaptionerSettings, name: str) -> dict[str, int]:
