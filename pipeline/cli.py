@@ -85,6 +85,78 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return cmd_decode(args)
 
 
+def cmd_videoqa(args: argparse.Namespace) -> int:
+    from pipeline.run import run_videoqa
+
+    config = _config(args)
+    run_videoqa(config, args.dataset, args.captioner, run_dir=args.run_dir, new=args.new)
+    return 0
+
+
+def cmd_cache(args: argparse.Namespace) -> int:
+    from pipeline.cache import CaptionCache
+
+    config = _config(args)
+    cache = CaptionCache(config.cache.dir)
+    if args.cache_command == "build":
+        from pipeline.datasets import find_videos
+        from pipeline.run import caption_videos_cached
+
+        videos = find_videos(*args.paths)
+        print(f"{len(videos)} videos under {', '.join(args.paths)}")
+        outcome = caption_videos_cached(videos, config, args.captioner)
+        stats = outcome.stats
+        print(f"{stats.cache_hits} already cached, {stats.captioned_videos} captioned "
+              f"({stats.captioned_frames} frames) in {stats.wall_seconds:.1f} s, "
+              f"{len(outcome.failures)} failed")
+        for failure in outcome.failures:
+            print(f"  FAILED {failure.video_id} ({failure.stage}): {failure.reason}")
+        return 0 if len(outcome.failures) < len(videos) or not videos else 1
+    if args.cache_command == "ls":
+        table = cache.ls()
+        if table.empty:
+            print(f"{cache.root}: empty")
+        else:
+            import pandas as pd
+
+            with pd.option_context("display.max_rows", None, "display.width", 200):
+                print(table.to_string(index=False))
+        return 0
+    if args.cache_command == "export":
+        rows = cache.export(args.out)
+        print(f"wrote {rows} rows to {args.out}")
+        return 0
+    if args.cache_command == "gc":
+        report = cache.gc(dry_run=args.dry_run)
+        print(report.summary())
+        return 0
+    raise AssertionError(args.cache_command)
+
+
+def cmd_captioners(args: argparse.Namespace) -> int:
+    from captioner.base import parameter_counts, registered_captioners
+
+    config = _config(args)
+    print(f"{'captioner':<10} {'parameters (real size)':>24}  components")
+    for name in registered_captioners():
+        try:
+            counts = parameter_counts(config.captioner, name)
+        except Exception as exc:  # one broken module must not hide the others
+            print(f"{name:<10} {'unavailable':>24}  {exc}")
+            continue
+        total = counts.get("total", sum(counts.values()))
+        parts = ", ".join(f"{k} {v / 1e6:.1f}M" for k, v in counts.items() if k != "total")
+        print(f"{name:<10} {total / 1e6:>22.1f}M  {parts}")
+    return 0
+
+
+def cmd_serve_reader(args: argparse.Namespace) -> int:
+    from qa.server import serve_forever
+
+    serve_forever(_config(args).reader)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mmser", description="Long-video question answering with the MM-SeR captioner.",
@@ -100,6 +172,38 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.add_argument("--dataset", default="demo", help="a name in config.yaml or a folder")
     p.set_defaults(func=cmd_decode)
+
+    p = sub.add_parser("videoqa", help="answer a dataset's questions end to end")
+    _add_common(p)
+    p.add_argument("--dataset", default="egoschema", help="a name in config.yaml or a folder")
+    p.add_argument("--captioner", default=None, help="simple | mmser | llava15 | tag2text")
+    p.add_argument("--run-dir", default=None, help="write to (or resume) this folder")
+    p.add_argument("--new", action="store_true", help="start a new run, do not resume")
+    p.set_defaults(func=cmd_videoqa)
+
+    p = sub.add_parser("cache", help="the offline caption cache")
+    cache_sub = p.add_subparsers(dest="cache_command", required=True)
+    q = cache_sub.add_parser("build", help="caption every video under PATHs into the cache")
+    _add_common(q)
+    q.add_argument("paths", nargs="+", help="video files or folders (mp4/mkv/webm/avi/mov)")
+    q.add_argument("--captioner", default=None, help="default: captioner.name")
+    q = cache_sub.add_parser("ls", help="list cached videos")
+    _add_common(q)
+    q = cache_sub.add_parser("export", help="export all captions to Parquet (one row a frame)")
+    _add_common(q)
+    q.add_argument("out", help="the .parquet file to write")
+    q = cache_sub.add_parser("gc", help="drop records of deleted videos and stale temp files")
+    _add_common(q)
+    q.add_argument("--dry-run", action="store_true", help="only say what would be removed")
+    p.set_defaults(func=cmd_cache)
+
+    p = sub.add_parser("captioners", help="registered captioners with real-size parameters")
+    _add_common(p)
+    p.set_defaults(func=cmd_captioners)
+
+    p = sub.add_parser("serve-reader", help="start the reader's vLLM server and wait")
+    _add_common(p)
+    p.set_defaults(func=cmd_serve_reader)
 
     p = sub.add_parser("demo", help="run the pipeline on the bundled synthetic demo dataset")
     _add_common(p)

@@ -1,0 +1,321 @@
+"""The whole run: dataset -> decode (Ray tasks) -> caption (Ray actors) -> transcript ->
+cache -> reader -> predictions, metrics, report.
+
+    mmser videoqa --dataset egoschema --captioner mmser        (make videoqa DATASET=...)
+
+`caption_videos_cached` is the captioning half on its own (also `mmser cache build`): it
+looks every video up in the caption cache first, decodes and captions only the misses,
+and writes each video's record the moment it is done, so an interrupted run loses at
+most the videos in flight. Rerunning the same command resumes the newest unfinished run
+folder of that dataset and captioner: cached videos are not captioned again and answered
+questions are not asked again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import yaml
+from tqdm import tqdm
+
+from captioner.base import captioner_identity
+from pipeline.cache import CacheRecord, CaptionCache, sampling_identity
+from pipeline.caption_stage import CaptionedVideo, CaptionFailure, caption_videos
+from pipeline.config import Config
+from pipeline.datasets import Dataset, load_dataset
+from pipeline.errors import PipelineError
+from pipeline.records import FrameCaption, Transcript, VideoItem
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Failure:
+    """A unit of work that failed, with the stage and reason (one line of failures.jsonl)."""
+
+    video_id: str
+    path: str
+    stage: str  # fingerprint | decode | caption | read
+    reason: str
+
+
+@dataclass
+class CaptionStats:
+    videos: int = 0
+    cache_hits: int = 0
+    captioned_videos: int = 0
+    captioned_frames: int = 0
+    decode_seconds: float = 0.0  # summed over videos (worker time, overlapping)
+    caption_seconds: float = 0.0  # summed over batches (worker time)
+    wall_seconds: float = 0.0  # the decode + caption stage, end to end
+
+
+@dataclass
+class CaptionOutcome:
+    transcripts: dict[str, Transcript] = field(default_factory=dict)
+    failures: list[Failure] = field(default_factory=list)
+    stats: CaptionStats = field(default_factory=CaptionStats)
+
+
+def _decode_stream(videos: list[VideoItem], config: Config):
+    from pipeline.decode import decode_videos
+
+    return decode_videos(videos, config.sampling, config.ray)
+
+
+def caption_videos_cached(
+    videos: list[VideoItem],
+    config: Config,
+    captioner_name: str | None = None,
+    on_failure: Callable[[Failure], None] | None = None,
+) -> CaptionOutcome:
+    """Transcripts for `videos`: from the cache where present, else decoded and captioned
+    (and cached). One bad video is a `Failure`, never an exception."""
+    from pipeline.decode import DecodeFailure
+
+    name = captioner_name or config.captioner.name
+    settings = dataclasses.replace(config.captioner, name=name)
+    identity = captioner_identity(settings, name)
+    sampling = sampling_identity(config.sampling)
+    cache = CaptionCache(config.cache.dir)
+    out = CaptionOutcome()
+    out.stats.videos = len(videos)
+    start = time.perf_counter()
+
+    def fail(failure: Failure) -> None:
+        out.failures.append(failure)
+        if on_failure:
+            on_failure(failure)
+
+    misses: list[VideoItem] = []
+    fingerprints: dict[str, str] = {}
+    for video in tqdm(videos, desc="cache lookup", unit="video", leave=False):
+        try:
+            fingerprint = cache.fingerprint(video.path)
+        except OSError as exc:
+            fail(Failure(video.video_id, str(video.path), "fingerprint", str(exc)))
+            continue
+        record = cache.get(cache.key_for(video.path, sampling, identity))
+        if record is None:
+            fingerprints[video.video_id] = fingerprint
+            misses.append(video)
+            continue
+        cache.add_path(record.key, video.path)
+        out.transcripts[video.video_id] = record.to_transcript(video.video_id)
+        out.stats.cache_hits += 1
+
+    if misses:
+        log.info("%d of %d videos cached; captioning %d with %s",
+                 out.stats.cache_hits, len(videos), len(misses), name)
+        if config.ray.enabled:
+            from pipeline.ray_cluster import init_ray
+
+            init_ray(config.ray)
+        bar = tqdm(total=len(misses), desc=f"caption ({name})", unit="video")
+        for item in caption_videos(_decode_stream(misses, config), settings, config.ray):
+            bar.update(1)
+            if isinstance(item, DecodeFailure):
+                fail(Failure(item.video_id, str(item.path), "decode", item.reason))
+            elif isinstance(item, CaptionFailure):
+                fail(Failure(item.video_id, item.path, "caption", item.reason))
+            elif isinstance(item, CaptionedVideo):
+                frames = item.frames
+                captions = [
+                    FrameCaption(
+                        timestamp=float(t), caption=r.caption, coarse_caption=r.coarse_caption,
+                        refine_passes=r.refine_passes, tags=tuple(r.tags),
+                    )
+                    for t, r in zip(frames.timestamps, item.results, strict=True)
+                ]
+                record = CacheRecord.create(
+                    fingerprint=fingerprints[frames.video_id], video_id=frames.video_id,
+                    path=frames.path, duration=frames.duration, captions=captions,
+                    sampling=sampling, captioner=identity,
+                    timings={"decode_seconds": frames.decode_seconds,
+                             "caption_seconds": item.caption_seconds},
+                )
+                cache.put(record)
+                out.transcripts[frames.video_id] = record.to_transcript()
+                out.stats.captioned_videos += 1
+                out.stats.captioned_frames += len(captions)
+                out.stats.decode_seconds += frames.decode_seconds
+                out.stats.caption_seconds += item.caption_seconds
+        bar.close()
+    out.stats.wall_seconds = time.perf_counter() - start
+    return out
+
+
+# --- the videoqa run ----------------------------------------------------------------------
+
+
+def _hardware() -> dict[str, Any]:
+    import os
+
+    info: dict[str, Any] = {"cpu": platform.processor() or platform.machine(),
+                            "cores": os.cpu_count(), "python": platform.python_version()}
+    try:
+        import torch
+
+        info["torch"] = torch.__version__
+        if torch.cuda.is_available():
+            info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    except ImportError:
+        pass
+    return info
+
+
+def choose_run_dir(config: Config, dataset: str, captioner: str, run_dir: str | None,
+                   new: bool) -> tuple[Path, bool]:
+    """The run folder and whether it resumes an unfinished run of the same dataset/captioner."""
+    if run_dir:
+        path = Path(run_dir)
+        return path, (path / "config.yaml").exists()
+    root = Path(config.outputs.runs_dir)
+    label = Path(dataset).name if "/" in dataset else dataset
+    prefix = f"{label}-{captioner}-"
+    if not new and root.is_dir():
+        unfinished = sorted(
+            p for p in root.glob(prefix + "*")
+            if p.is_dir() and not (p / "metrics.json").exists()
+        )
+        if unfinished:
+            return unfinished[-1], True
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    return root / f"{prefix}{stamp}", False
+
+
+def _append_jsonl(path: Path, row: dict[str, Any]) -> None:
+    with path.open("a") as fh:
+        fh.write(json.dumps(row) + "\n")
+        fh.flush()
+
+
+def run_videoqa(
+    config: Config,
+    dataset_name: str,
+    captioner_name: str | None = None,
+    run_dir: str | None = None,
+    new: bool = False,
+) -> Path:
+    """Answer every question of a dataset; returns the run folder. Raises PipelineError only
+    when nothing at all could be done."""
+    from qa.evaluate import write_submission_files
+    from qa.reader import answer_questions
+
+    captioner_name = captioner_name or config.captioner.name
+    dataset: Dataset = load_dataset(dataset_name, config.datasets)
+    folder, resumed = choose_run_dir(config, dataset_name, captioner_name, run_dir, new)
+    folder.mkdir(parents=True, exist_ok=True)
+    print(f"{'resuming' if resumed else 'run folder'}: {folder}")
+    snapshot = dict(config.to_dict(), run={"dataset": dataset_name, "captioner": captioner_name})
+    (folder / "config.yaml").write_text(yaml.safe_dump(snapshot, sort_keys=False))
+    failures_path = folder / "failures.jsonl"
+    failures_path.unlink(missing_ok=True)  # rewritten from scratch: a resume retries failures
+
+    def record_failure(failure: Failure) -> None:
+        _append_jsonl(failures_path, dataclasses.asdict(failure))
+
+    for video_id in dataset.missing_videos:
+        record_failure(Failure(video_id, str(dataset.root / "videos" / f"{video_id}.mp4"),
+                               "load", "video file is missing"))
+
+    t0 = time.perf_counter()
+    videos = [dataset.videos[v] for v in sorted({q.video_id for q in dataset.answerable()})]
+    captions = caption_videos_cached(videos, config, captioner_name, on_failure=record_failure)
+    t_caption = time.perf_counter() - t0
+    items = [(q, captions.transcripts[q.video_id]) for q in dataset.questions
+             if q.video_id in captions.transcripts]
+    if not items:
+        raise PipelineError(
+            f"nothing to answer: all {len(dataset.questions)} questions' videos failed; "
+            f"see {failures_path}"
+        )
+    t1 = time.perf_counter()
+    answers = answer_questions(config.reader, items, folder / "predictions.jsonl")
+    t_read = time.perf_counter() - t1
+    for answer in answers:
+        if answer.error:
+            record_failure(Failure(answer.q_uid, "", "read", answer.error))
+    write_submission_files(answers, folder)
+    metrics = build_metrics(dataset, captions, answers, captioner_name, config,
+                            {"caption_stage": t_caption, "read": t_read,
+                             "total": time.perf_counter() - t0})
+    (folder / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    (folder / "report.md").write_text(render_report(metrics))
+    print(render_report(metrics))
+    return folder
+
+
+def build_metrics(dataset: Dataset, captions: CaptionOutcome, answers: list, captioner: str,
+                  config: Config, wall: dict[str, float]) -> dict[str, Any]:
+    from qa.evaluate import accuracy
+
+    stats = captions.stats
+    failed_questions = len(dataset.questions) - len(answers)
+    scores = accuracy(answers, {q.q_uid: q.answer for q in dataset.questions})
+    caption_wall = stats.wall_seconds
+    return {
+        "dataset": dataset.name,
+        "captioner": captioner,
+        "reader": config.reader.served_name or config.reader.model,
+        "questions": len(dataset.questions),
+        "answered": sum(1 for a in answers if not a.error),
+        "failed_questions": failed_questions + sum(1 for a in answers if a.error),
+        "failed_videos": len(captions.failures) + len(dataset.missing_videos),
+        "accuracy": scores,
+        "videos": stats.videos,
+        "cache_hits": stats.cache_hits,
+        "captioned_videos": stats.captioned_videos,
+        "captioned_frames": stats.captioned_frames,
+        "wall_clock_s": {
+            "decode_worker_time": round(stats.decode_seconds, 3),
+            "caption_worker_time": round(stats.caption_seconds, 3),
+            "decode_and_caption": round(caption_wall, 3),
+            "read": round(wall["read"], 3),
+            "total": round(wall["total"], 3),
+        },
+        "frames_per_second": (
+            round(stats.captioned_frames / caption_wall, 3) if caption_wall else None
+        ),
+        "hardware": _hardware(),
+    }
+
+
+def render_report(metrics: dict[str, Any]) -> str:
+    acc = metrics["accuracy"]
+    wall = metrics["wall_clock_s"]
+    lines = [
+        f"# {metrics['dataset']} with {metrics['captioner']} + {metrics['reader']}",
+        "",
+        "| questions | answered | failed | accuracy (strict) | accuracy (LLoVi) |",
+        "| --- | --- | --- | --- | --- |",
+        f"| {metrics['questions']} | {metrics['answered']} | {metrics['failed_questions']} | "
+        f"{_pct(acc.get('strict'))} | {_pct(acc.get('llovi'))} |",
+        "",
+        "| stage | wall-clock s |",
+        "| --- | --- |",
+    ]
+    lines += [f"| {k} | {v:.1f} |" for k, v in wall.items()]
+    lines += [
+        "",
+        f"Videos: {metrics['videos']} ({metrics['cache_hits']} from the cache, "
+        f"{metrics['captioned_videos']} captioned, {metrics['failed_videos']} failed); "
+        f"{metrics['captioned_frames']} frames captioned"
+        + (f" at {metrics['frames_per_second']} frames/s." if metrics["frames_per_second"]
+           else "."),
+        f"Hardware: {metrics['hardware']}",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f}%"
