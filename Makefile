@@ -50,5 +50,12 @@ bench-reader: install  ## reader questions/s at concurrency 1 vs 8 (tiny CPU vLL
 bench-pipeline: install  ## cold vs warm cache, decode/caption overlap
 	$(PY) -m benchmarks.pipeline $(ARGS)
 
+RUNS ?= $(wildcard runs/*)
+compare: install  ## one table from several runs: make compare RUNS="runs/a runs/b"
+	$(PY) -m pipeline compare $(RUNS)
+
+bench-captioners: install  ## all four captioners timed on the same frames (make bench-captioners ARGS="--device cuda")
+	$(PY) -m benchmarks.captioners $(ARGS)
+
 clean:  ## remove generated data, runs and results (keeps .venv)
 	rm -rf data runs benchmarks/results .cache

@@ -5,6 +5,7 @@
     mmser decode --dataset demo         sample frames only (decord on Ray), print counts
     mmser cache build PATH... | ls | export OUT.parquet | gc
     mmser captioners                    registered captioners, real-size parameter counts
+    mmser compare RUN_DIR...            one table from several runs, like the paper's
     mmser serve-reader                  start the reader's vLLM server by hand
     mmser config                        print the resolved config
 
@@ -150,6 +151,26 @@ def cmd_captioners(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from captioner.base import parameter_counts
+    from pipeline.compare import compare_table, load_runs
+
+    config = _config(args)
+    runs = load_runs(args.runs)
+    params = {}
+    for name in {m["captioner"] for m in runs}:
+        try:
+            counts = parameter_counts(config.captioner, name)
+            params[name] = counts.get("total", sum(counts.values()))
+        except Exception:  # a count is a nicety; the table stands without it
+            pass
+    table = compare_table(runs, params)
+    print(table)
+    if args.out:
+        Path(args.out).write_text(table)
+    return 0
+
+
 def cmd_serve_reader(args: argparse.Namespace) -> int:
     from qa.server import serve_forever
 
@@ -200,6 +221,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("captioners", help="registered captioners with real-size parameters")
     _add_common(p)
     p.set_defaults(func=cmd_captioners)
+
+    p = sub.add_parser("compare", help="one table from several runs (same dataset)")
+    _add_common(p)
+    p.add_argument("runs", nargs="+", help="run folders (runs/<dataset>-<captioner>-<time>)")
+    p.add_argument("--out", default=None, help="also write the Markdown table here")
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("serve-reader", help="start the reader's vLLM server and wait")
     _add_common(p)
