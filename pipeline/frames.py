@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.config import SamplingSettings
-from pipeline.errors import VideoDecodeError
+from pipeline.errors import ConfigError, VideoDecodeError
 from pipeline.records import SampledFrames
 
 # --- index choice -----------------------------------------------------------------------
@@ -43,6 +43,28 @@ def _frames_at(times: np.ndarray, starts: np.ndarray) -> np.ndarray:
     return np.clip(np.searchsorted(starts, times, side="right") - 1, 0, len(starts) - 1)
 
 
+def check_sampling(sampling: SamplingSettings) -> None:
+    """Raise ConfigError naming the key when a sampling setting cannot work."""
+    if sampling.policy not in ("fps", "uniform"):
+        raise ConfigError(f"config key 'sampling.policy': got {sampling.policy!r}, "
+                          "expected one of 'fps', 'uniform'")
+    if sampling.policy == "fps" and not sampling.fps > 0:
+        raise ConfigError(f"config key 'sampling.fps': got {sampling.fps!r}, expected > 0")
+    if sampling.policy == "uniform" and sampling.num_frames < 1:
+        raise ConfigError(
+            f"config key 'sampling.num_frames': got {sampling.num_frames!r}, expected >= 1"
+        )
+    if sampling.resize is not None and (len(sampling.resize) != 2 or min(sampling.resize) < 1):
+        raise ConfigError(f"config key 'sampling.resize': got {sampling.resize!r}, "
+                          "expected [width, height] or null")
+    if not sampling.decode_timeout_s > 0:
+        raise ConfigError(f"config key 'sampling.decode_timeout_s': got "
+                          f"{sampling.decode_timeout_s!r}, expected > 0")
+    if sampling.num_threads < 0:
+        raise ConfigError(f"config key 'sampling.num_threads': got {sampling.num_threads!r}, "
+                          "expected >= 0 (0: decord picks)")
+
+
 def choose_indices(timestamps: np.ndarray, sampling: SamplingSettings) -> np.ndarray:
     """Frame indices to decode for one video, sorted and unique.
 
@@ -50,23 +72,18 @@ def choose_indices(timestamps: np.ndarray, sampling: SamplingSettings) -> np.nda
     `get_frame_timestamp`). Returns (N,) int64. Two sample times that fall on the same frame
     (a frame held long in variable-frame-rate video, or N > F) give that frame once.
     """
+    check_sampling(sampling)
     if len(timestamps) == 0:
         raise ValueError("the video has no frames")
     starts = timestamps[:, 0]
     t0, t_end = float(starts[0]), float(timestamps[-1, 1])
     duration = max(t_end - t0, 0.0)
     if sampling.policy == "fps":
-        if sampling.fps <= 0:
-            raise ValueError(f"sampling.fps must be > 0, got {sampling.fps}")
         # One sample per 1/fps seconds; the last starts before the video ends.
         count = max(int(np.ceil(duration * sampling.fps - 1e-9)), 1)
         times = t0 + np.arange(count) / sampling.fps
-    elif sampling.policy == "uniform":
-        if sampling.num_frames < 1:
-            raise ValueError(f"sampling.num_frames must be >= 1, got {sampling.num_frames}")
+    else:  # uniform: the middle of each of N equal spans
         times = t0 + (np.arange(sampling.num_frames) + 0.5) * duration / sampling.num_frames
-    else:
-        raise ValueError(f"unknown sampling.policy {sampling.policy!r}; allowed: fps, uniform")
     return np.unique(_frames_at(times, starts)).astype(np.int64)
 
 
@@ -133,11 +150,9 @@ def sample_video(path: str | Path, video_id: str, sampling: SamplingSettings) ->
         raise VideoDecodeError(str(path), "is a directory, not a video file")
     if path.is_file() and path.stat().st_size == 0:
         raise VideoDecodeError(str(path), "empty file (0 bytes)")
+    check_sampling(sampling)
     size = {}
     if sampling.resize is not None:
-        if len(sampling.resize) != 2 or min(sampling.resize) < 1:
-            raise VideoDecodeError(str(path), f"sampling.resize must be [width, height], "
-                                              f"got {sampling.resize}")
         size = {"width": int(sampling.resize[0]), "height": int(sampling.resize[1])}
 
     start = time.perf_counter()

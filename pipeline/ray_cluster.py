@@ -1,0 +1,105 @@
+"""Start or join Ray, safely and quietly.
+
+    init_ray(config.ray)      # private local cluster on 127.0.0.1, or join `ray.address`
+    ...
+    shutdown_ray()
+
+By default a private local cluster: bound to loopback, usage stats off, no dashboard, a
+short temp dir (Ray's Unix socket paths must stay under ~107 characters) and logs at warning
+level. `RaySettings.address` ("auto", "host:port" or "ray://host:port") joins an existing
+cluster instead, with that cluster's own settings.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from pipeline.config import RaySettings
+
+log = logging.getLogger(__name__)
+
+# Read by Ray when it is first imported (ray_constants) or when it starts processes; we set
+# them only where the user has not. Worker processes inherit them.
+_QUIET_LOCAL_ENV = {
+    # Ray binds to the machine's routable IP unless this is 0: keep the cluster on 127.0.0.1.
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    # A private local cluster needs no token; unset, Ray warns about it on every start.
+    "RAY_AUTH_MODE": "disabled",
+}
+
+
+def ray_temp_dir() -> str:
+    """A short per-user temp dir (/tmp/ray-<uid>): Ray puts its sockets under it."""
+    return os.path.join(tempfile.gettempdir(), f"ray-{os.getuid()}")
+
+
+def init_ray(settings: RaySettings) -> None:
+    """Start a private local cluster, or join `settings.address`; a no-op when Ray is up.
+
+    Raises RuntimeError when settings.enabled is false (the caller should run serially).
+    """
+    if not settings.enabled:
+        raise RuntimeError("ray.enabled is false: run the stage serially instead")
+    for key, value in _QUIET_LOCAL_ENV.items():
+        os.environ.setdefault(key, value)
+    if "ray" in sys.modules:
+        _keep_loopback_after_import()
+    import ray
+
+    if ray.is_initialized():
+        return
+    common = {"logging_level": logging.WARNING, "namespace": "mmser"}
+    if settings.address:
+        log.info("joining the Ray cluster at %s", settings.address)
+        ray.init(address=settings.address, **common)
+        return
+    ray.init(
+        num_cpus=settings.num_cpus,
+        include_dashboard=False,
+        _temp_dir=ray_temp_dir(),
+        **common,
+    )
+    log.info("started a local Ray cluster: %s", ray.cluster_resources())
+
+
+def _keep_loopback_after_import() -> None:
+    """Ray reads RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER once, when first imported.
+
+    When something imported Ray before init_ray set it, apply the value to the constant Ray
+    read, so a local cluster still binds to 127.0.0.1 (the lookup happens at start-up).
+    """
+    from ray._private import ray_constants
+
+    wanted = os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER") == "1"
+    if getattr(ray_constants, "ENABLE_RAY_CLUSTER", wanted) != wanted:
+        ray_constants.ENABLE_RAY_CLUSTER = wanted
+
+
+def shutdown_ray() -> None:
+    """Disconnect from Ray (and stop the local cluster this process started)."""
+    if "ray" not in sys.modules:
+        return
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+@contextmanager
+def ray_session(settings: RaySettings) -> Iterator[None]:
+    """Ray up for the block; shut down after it only if this block started it."""
+    import ray
+
+    started = not ray.is_initialized()
+    init_ray(settings)
+    try:
+        yield
+    finally:
+        if started:
+            shutdown_ray()
