@@ -35,12 +35,18 @@ from pipeline.records import SampledFrames
 # --- index choice -----------------------------------------------------------------------
 
 
+# Timestamps come rounded from the stream's time base (decord gives float32-like values:
+# 1 s may read 1.0000001); a frame starting this close after t counts as on screen at t.
+_TIME_TOLERANCE_S = 1e-4
+
+
 def _frames_at(times: np.ndarray, starts: np.ndarray) -> np.ndarray:
     """Index of the frame on screen at each time: the last frame starting at or before it.
 
     times: (K,) seconds; starts: (F,) frame start times, ascending. Returns (K,) int64.
     """
-    return np.clip(np.searchsorted(starts, times, side="right") - 1, 0, len(starts) - 1)
+    found = np.searchsorted(starts, times + _TIME_TOLERANCE_S, side="right") - 1
+    return np.clip(found, 0, len(starts) - 1)
 
 
 def check_sampling(sampling: SamplingSettings) -> None:
