@@ -155,6 +155,7 @@ class _Slot:
     actor: Any
     ready_ref: Any
     ready: bool = False
+    pid: int | None = None  # the actor's process, once it is up
     created: float = field(default_factory=time.monotonic)
     jobs: deque[_Job] = field(default_factory=deque)
 
@@ -190,7 +191,7 @@ def _decode_on_ray(
         """Kill the slot's actor, start a fresh one; return its unfinished queued jobs."""
         ray.kill(slot.actor, no_restart=True)
         fresh = new_slot()
-        slot.actor, slot.ready_ref, slot.ready = fresh.actor, fresh.ready_ref, False
+        slot.actor, slot.ready_ref, slot.ready, slot.pid = fresh.actor, fresh.ready_ref, False, None
         slot.created = fresh.created
         queued = list(slot.jobs)
         slot.jobs.clear()
@@ -230,7 +231,7 @@ def _decode_on_ray(
                 if ref in starting:
                     slot = starting[ref]
                     try:
-                        ray.get(ref)
+                        slot.pid = ray.get(ref)
                     except RayActorError:
                         todo.extendleft(reversed(replace(slot)))  # could not start: try again
                         continue
@@ -259,10 +260,11 @@ def _decode_on_ray(
             for slot in slots:
                 if slot.jobs and slot.jobs[0].started is not None:
                     if now - slot.jobs[0].started > sampling.decode_timeout_s:
-                        job = slot.jobs.popleft()
+                        job, pid = slot.jobs.popleft(), slot.pid
                         todo.extendleft(reversed(replace(slot)))
                         reason = (f"decoding took longer than sampling.decode_timeout_s="
-                                  f"{sampling.decode_timeout_s:g} s; its worker was killed")
+                                  f"{sampling.decode_timeout_s:g} s; its worker (pid {pid}) "
+                                  "was killed")
                         yield _failure(job, reason, timed_out=True), None
                 elif not slot.ready and now - slot.created > WORKER_START_TIMEOUT_S:
                     raise PipelineError(
