@@ -189,11 +189,12 @@ def package_versions() -> dict[str, str | None]:
 
 def _caption_to_dict(caption: FrameCaption) -> dict[str, Any]:
     return {
-        "timestamp": caption.timestamp,
+        # float()/int()/str(): numpy scalars from the decoder would not serialize.
+        "timestamp": float(caption.timestamp),
         "caption": caption.caption,
         "coarse_caption": caption.coarse_caption,
-        "refine_passes": caption.refine_passes,
-        "tags": list(caption.tags),
+        "refine_passes": int(caption.refine_passes),
+        "tags": [str(t) for t in caption.tags],
     }
 
 
@@ -277,6 +278,11 @@ class CacheRecord:
     @property
     def frames(self) -> int:
         return len(self.captions)
+
+    @property
+    def latest_path(self) -> str | None:
+        """The most recently added path: where the video was last seen."""
+        return self.paths[-1] if self.paths else None
 
     @property
     def captioner_name(self) -> str:
@@ -535,14 +541,14 @@ class CaptionCache:
     # --- tables ---
 
     def ls(self) -> pd.DataFrame:
-        """One row per record: key, video_id, path, captioner, frames, duration, created
-        (a UTC pandas Timestamp), sorted by creation time."""
+        """One row per record: key, video_id, path (the latest known), captioner (name),
+        frames, duration, created (a UTC pandas Timestamp), sorted by creation time."""
         import pandas as pd
 
         columns = ["key", "video_id", "path", "captioner", "frames", "duration", "created"]
         rows = [
             (
-                r.key, r.video_id, r.paths[0] if r.paths else None, r.captioner_name,
+                r.key, r.video_id, r.latest_path, r.captioner_name,
                 r.frames, r.duration, r.created,
             )
             for r in self.iter_records()
@@ -556,9 +562,10 @@ class CaptionCache:
     def export(self, path: str | Path) -> int:
         """Write every record to a Parquet file, one row per frame; returns the row count.
 
-        Columns: key, fingerprint, video_id, path, captioner (name), captioner_identity and
-        sampling (canonical JSON), frame (position in the video), timestamp, caption,
-        coarse_caption, refine_passes, tags (list of strings), duration, created (UTC).
+        Columns: key, fingerprint, video_id, path (the latest known), captioner (name),
+        captioner_identity and sampling (canonical JSON), frame (position in the video),
+        timestamp, caption, coarse_caption, refine_passes, tags (list of strings), duration,
+        created (UTC).
         Written to a temp file and renamed, so a reader never sees half a table.
         """
         import pyarrow as pa
@@ -579,7 +586,7 @@ class CaptionCache:
                 "key": r.key,
                 "fingerprint": r.fingerprint,
                 "video_id": r.video_id,
-                "path": r.paths[0] if r.paths else None,
+                "path": r.latest_path,
                 "captioner": r.captioner_name,
                 "captioner_identity": canonical_json(r.captioner),
                 "sampling": canonical_json(r.sampling),

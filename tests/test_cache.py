@@ -124,7 +124,11 @@ def test_put_get_round_trip(tmp_path: Path, real_video: Path) -> None:
 
 def test_record_keeps_captions_in_time_order_and_tags(tmp_path: Path) -> None:
     video = byte_video(tmp_path / "v.mp4")
-    shuffled = [FrameCaption(2.5, "c", tags=("dog", "ball")), FrameCaption(0.5, "a")]
+    # numpy scalars, as the decoder's timestamps come, are stored as plain numbers.
+    shuffled = [
+        FrameCaption(np.float32(2.5), "c", refine_passes=np.int64(2), tags=("dog", "ball")),
+        FrameCaption(np.float64(0.5), "a"),
+    ]
     record = CacheRecord.create(
         fingerprint=video_fingerprint(video), video_id="v", path=video, duration=3.0,
         captions=shuffled, sampling=SamplingSettings(), captioner=MMSER,
@@ -133,7 +137,7 @@ def test_record_keeps_captions_in_time_order_and_tags(tmp_path: Path) -> None:
     cache.put(record)
     got = cache.get(record.key)
     assert [c.timestamp for c in got.captions] == [0.5, 2.5]
-    assert got.captions[1].tags == ("dog", "ball")
+    assert got.captions[1].tags == ("dog", "ball") and got.captions[1].refine_passes == 2
 
 
 def test_renamed_and_moved_video_hits(tmp_path: Path, real_video: Path) -> None:
@@ -156,6 +160,7 @@ def test_renamed_and_moved_video_hits(tmp_path: Path, real_video: Path) -> None:
     assert cache.add_path(key, moved) is True
     assert cache.add_path(key, moved) is False
     assert cache.get(key).paths == [str(video), str(moved)]
+    assert cache.ls()["path"].tolist() == [str(moved)]  # the latest known location
 
 
 def test_edited_video_misses(tmp_path: Path, real_video: Path) -> None:
