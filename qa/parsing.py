@@ -8,13 +8,13 @@ hit wins (later explicit statements beat earlier ones: "A? No... the answer is C
   3. the reply starts with a letter label: "C) the man...", "C: ...", "c. ...";
   4. exactly one distinct bracketed letter anywhere: "... so (B) fits";
   5. the answer restated in words: exactly one option's text appears in the reply, or one
-     option is clearly the closest (difflib ratio >= 0.75 and 0.1 ahead of the next).
+     option is clearly the best covered (>= 75% of its content words, by 4-letter stem,
+     appear in the reply, 25 points ahead of the next option).
 Anything else is None (recorded as invalid with its raw text; never a guess).
 """
 
 from __future__ import annotations
 
-import difflib
 import re
 from collections.abc import Sequence
 
@@ -47,6 +47,17 @@ def _normalise(text: str) -> str:
     return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
 
 
+_STOP = frozenset("a an the is are was of to in on at and or it he she they".split())
+
+
+def _stems(norm_text: str) -> frozenset[str]:
+    return frozenset(w[:4] for w in norm_text.split() if w not in _STOP)
+
+
+def _coverage(option: frozenset[str], reply: frozenset[str]) -> float:
+    return len(option & reply) / len(option) if option else 0.0
+
+
 def _letter_index(letter: str) -> int:
     return _LETTERS.index(letter.upper())
 
@@ -77,15 +88,13 @@ def _restated(reply: str, options: Sequence[str]) -> int | None:
         return contained[0]
     if contained:
         return None
-    ratios = sorted(
-        (
-            (difflib.SequenceMatcher(None, norm_reply, o).ratio(), i)
-            for i, o in enumerate(norm_opts)
-        ),
-        reverse=True,
+    # Paraphrase: the share of each option's content words (by 4-letter stem) in the reply.
+    reply_stems = _stems(norm_reply)
+    cover = sorted(
+        ((_coverage(_stems(o), reply_stems), i) for i, o in enumerate(norm_opts)), reverse=True
     )
-    if ratios and ratios[0][0] >= 0.75 and (len(ratios) == 1 or ratios[0][0] - ratios[1][0] >= 0.1):
-        return ratios[0][1]
+    if cover and cover[0][0] >= 0.75 and (len(cover) == 1 or cover[0][0] - cover[1][0] >= 0.25):
+        return cover[0][1]
     return None
 
 
