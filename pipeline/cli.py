@@ -98,7 +98,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
     from pipeline.cache import CaptionCache
 
     config = _config(args)
-    cache = CaptionCache(config.cache.dir)
+    cache = CaptionCache(config.cache.dir, fingerprint_mode=config.cache.fingerprint)
     if args.cache_command == "build":
         from pipeline.datasets import find_videos
         from pipeline.run import caption_videos_cached
@@ -128,7 +128,8 @@ def cmd_cache(args: argparse.Namespace) -> int:
         print(f"wrote {rows} rows to {args.out}")
         return 0
     if args.cache_command == "gc":
-        report = cache.gc(dry_run=args.dry_run)
+        keep = [{"name": name} for name in args.keep_captioner] or None
+        report = cache.gc(dry_run=args.dry_run, keep_captioners=keep)
         print(report.summary())
         return 0
     raise AssertionError(args.cache_command)
@@ -216,6 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
     q = cache_sub.add_parser("gc", help="drop records of deleted videos and stale temp files")
     _add_common(q)
     q.add_argument("--dry-run", action="store_true", help="only say what would be removed")
+    q.add_argument("--keep-captioner", action="append", default=[], metavar="NAME",
+                   help="also drop records of every other captioner (repeatable)")
     p.set_defaults(func=cmd_cache)
 
     p = sub.add_parser("captioners", help="registered captioners with real-size parameters")

@@ -99,6 +99,9 @@ class CacheSettings:
     """The offline caption cache."""
 
     dir: str = "data/cache"
+    # sampled: size + 64 x 64 KiB chunks (constant cost; misses same-size edits between
+    # chunks); full: hash every byte (exact, linear in file size).
+    fingerprint: Literal["sampled", "full"] = "sampled"
 
 
 @dataclass

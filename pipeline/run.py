@@ -28,7 +28,7 @@ import yaml
 from tqdm import tqdm
 
 from captioner.base import captioner_identity
-from pipeline.cache import CacheRecord, CaptionCache, sampling_identity
+from pipeline.cache import CacheRecord, CaptionCache, cache_key, sampling_identity
 from pipeline.caption_stage import CaptionedVideo, CaptionFailure, caption_videos
 from pipeline.config import Config
 from pipeline.datasets import Dataset, load_dataset
@@ -86,7 +86,7 @@ def caption_videos_cached(
     settings = dataclasses.replace(config.captioner, name=name)
     identity = captioner_identity(settings, name)
     sampling = sampling_identity(config.sampling)
-    cache = CaptionCache(config.cache.dir)
+    cache = CaptionCache(config.cache.dir, fingerprint_mode=config.cache.fingerprint)
     out = CaptionOutcome()
     out.stats.videos = len(videos)
     start = time.perf_counter()
@@ -104,7 +104,7 @@ def caption_videos_cached(
         except OSError as exc:
             fail(Failure(video.video_id, str(video.path), "fingerprint", str(exc)))
             continue
-        record = cache.get(cache.key_for(video.path, sampling, identity))
+        record = cache.get(cache_key(fingerprint, sampling, identity))
         if record is None:
             fingerprints[video.video_id] = fingerprint
             misses.append(video)
