@@ -74,16 +74,64 @@ def cmd_decode(args: argparse.Namespace) -> int:
     return 0 if rows or not videos else 1
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    from pipeline.demo_data import generate_demo_dataset
+def _free_port() -> int:
+    import socket
 
-    config = _config(args)
-    root = Path(config.datasets["demo"].root) if "demo" in config.datasets else Path("data/demo")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+# What `make demo` changes from config.yaml: tiny local models instead of the real ones,
+# and vLLM-on-CPU flags (DESIGN.md). Shown to the user before the run.
+def demo_overrides(models_dir: Path) -> list[str]:
+    return [
+        "captioner.name=mmser",
+        f"captioner.mmser.checkpoint={models_dir / 'mmser-tiny'}",
+        "captioner.batch_size=16",
+        "captioner.generation.max_new_tokens=16",
+        f"reader.model={models_dir / 'reader-tiny'}",
+        "reader.served_name=tiny-reader",
+        "reader.mode=managed",
+        f"reader.port={_free_port()}",
+        "reader.max_model_len=4096",
+        "reader.extra_args=[--enforce-eager]",
+        "reader.env={VLLM_CPU_KVCACHE_SPACE: '1'}",
+        "reader.health_timeout_s=600",
+        "reader.max_tokens=64",
+        "reader.reserve_tokens=128",
+    ]
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Generate the demo dataset and tiny models once, then run videoqa on them."""
+    from captioner.tiny import build_tiny_checkpoint
+    from pipeline.demo_data import generate_demo_dataset
+    from pipeline.run import run_videoqa
+    from qa.tiny import build_tiny_reader
+
+    base = _config(args)
+    root = Path(base.datasets["demo"].root) if "demo" in base.datasets else Path("data/demo")
     t0 = time.perf_counter()
     generate_demo_dataset(root)
-    print(f"demo dataset ready in {root} ({time.perf_counter() - t0:.1f} s)")
-    args.dataset = "demo"
-    return cmd_decode(args)
+    models = root / "models"
+    if not (models / "mmser-tiny" / "config.json").exists():
+        build_tiny_checkpoint(models / "mmser-tiny", refine=True)
+    if not (models / "reader-tiny" / "config.json").exists():
+        build_tiny_reader(models / "reader-tiny")
+    print(f"demo dataset and tiny models ready in {root} ({time.perf_counter() - t0:.1f} s)")
+    overrides = demo_overrides(models)
+    print("demo settings (on top of config.yaml):\n  " + "\n  ".join(overrides))
+    print(
+        "NOTE: the demo's captioner and reader are tiny models with RANDOM weights, built "
+        "locally.\n      Their captions are gibberish and the answers are at chance level "
+        "(20%):\n      the demo shows the pipeline working, not the product's quality."
+    )
+    config = load_config(args.config, overrides + list(args.overrides))
+    folder = run_videoqa(config, "demo", "mmser", new=False)
+    print(f"demo finished in {time.perf_counter() - t0:.1f} s; outputs in {folder}")
+    print("(random-weights models: the accuracy above is chance level, not a quality figure)")
+    return 0
 
 
 def cmd_videoqa(args: argparse.Namespace) -> int:

@@ -208,7 +208,7 @@ def run_videoqa(
 ) -> Path:
     """Answer every question of a dataset; returns the run folder. Raises PipelineError only
     when nothing at all could be done."""
-    from qa.evaluate import write_submission_files
+    from qa.evaluate import AnswerRecord, write_submission
     from qa.reader import answer_questions
 
     captioner_name = captioner_name or config.captioner.name
@@ -245,7 +245,21 @@ def run_videoqa(
     for answer in answers:
         if answer.error:
             record_failure(Failure(answer.q_uid, "", "read", answer.error))
-    write_submission_files(answers, folder)
+    # Questions whose video failed count as failed answers (0 strict, 0.2 LLoVi-style) and
+    # are written -1 in the submission: nothing is invented, nothing silently dropped.
+    video_errors = {f.video_id: f"{f.stage}: {f.reason}" for f in captions.failures}
+    video_errors.update((v, "load: video file is missing") for v in dataset.missing_videos)
+    with (folder / "predictions.jsonl").open("a") as fh:
+        for q in dataset.questions:
+            if q.video_id not in captions.transcripts:
+                record = AnswerRecord(
+                    q_uid=q.q_uid, video_id=q.video_id, prediction=None, letter=None,
+                    option_probs=None, raw_output="", answer=q.answer,
+                    error=f"video failed, question not asked ({video_errors.get(q.video_id)})",
+                )
+                answers.append(record)
+                fh.write(record.to_json() + "\n")
+    write_submission(answers, folder)
     metrics = build_metrics(dataset, captions, answers, captioner_name, config,
                             {"caption_stage": t_caption, "read": t_read,
                              "total": time.perf_counter() - t0})
@@ -260,8 +274,7 @@ def build_metrics(dataset: Dataset, captions: CaptionOutcome, answers: list, cap
     from qa.evaluate import accuracy
 
     stats = captions.stats
-    failed_questions = len(dataset.questions) - len(answers)
-    scores = accuracy(answers, {q.q_uid: q.answer for q in dataset.questions})
+    scores = accuracy(answers).to_dict()
     caption_wall = stats.wall_seconds
     return {
         "dataset": dataset.name,
@@ -269,7 +282,7 @@ def build_metrics(dataset: Dataset, captions: CaptionOutcome, answers: list, cap
         "reader": config.reader.served_name or config.reader.model,
         "questions": len(dataset.questions),
         "answered": sum(1 for a in answers if not a.error),
-        "failed_questions": failed_questions + sum(1 for a in answers if a.error),
+        "failed_questions": sum(1 for a in answers if a.error),
         "failed_videos": len(captions.failures) + len(dataset.missing_videos),
         "accuracy": scores,
         "videos": stats.videos,
