@@ -41,6 +41,11 @@ class MMSeRSettings:
     # Skip refinement for a frame whose coarse caption's mean token probability is at
     # least this (null: always refine).
     confidence_threshold: float | None = None
+    # The instruction after the coarse caption and the refinement tokens.
+    refine_prompt: str = "Correct the description above using the highlighted regions."
+    # Continue the first pass's KV cache (prefill only the new tokens); false re-prefills
+    # the whole sequence each pass (slower; the same captions up to float rounding).
+    reuse_cache: bool = True
 
 
 @dataclass

@@ -1,0 +1,277 @@
+"""The `simple` and `mmser` captioners (registry entries in captioner/base.py).
+
+    from captioner.base import build_captioner
+    captioner = build_captioner(settings, "mmser", checkpoint="checkpoints/tiny-mmser")
+    batch = captioner.caption_batch(frames)   # frames: (N, H, W, 3) uint8
+    batch.results[0].caption, batch.results[0].coarse_caption, batch.timings
+
+Both load the same checkpoint format (`MMSeRForConditionalGeneration`); `simple` runs
+only the first pass (refine_steps 0), whatever the checkpoint holds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import (
+    AutoImageProcessor,
+    AutoTokenizer,
+    CLIPVisionModel,
+    GenerationConfig,
+    OPTForCausalLM,
+)
+
+from captioner.base import CaptionBatch, Captioner, CaptionResult, check_frames
+from captioner.configuration_mmser import MMSeRConfig, real_config
+from captioner.modeling_mmser import MMSeRForConditionalGeneration, count_parameters
+from captioner.settings import CaptionerSettings
+from pipeline.errors import CaptionerError
+
+IMAGE_TOKEN = "<image>"
+NAMES = ("simple", "mmser")
+
+
+def resolve_device(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
+    """`auto`: cuda + bfloat16 when a GPU is present, else cpu + float32."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dtype == "auto":
+        dtype = "bfloat16" if dev.type == "cuda" else "float32"
+    return dev, getattr(torch, dtype)
+
+
+def checkpoint_fingerprint(path: str | Path) -> str:
+    """sha256 over the contents of every config, tokenizer and weight file of a checkpoint."""
+    path = Path(path)
+    files = sorted(
+        p for p in path.iterdir() if p.is_file() and p.suffix in {".json", ".txt", ".safetensors"}
+    )
+    if not any(p.suffix == ".safetensors" for p in files):
+        raise CaptionerError(f"{path}: no .safetensors weights in this checkpoint directory")
+    digest = hashlib.sha256()
+    for p in files:
+        digest.update(p.name.encode())
+        with p.open("rb") as f:
+            digest.update(hashlib.file_digest(f, "sha256").digest())
+    return digest.hexdigest()
+
+
+def from_components(
+    vision_model: str,
+    language_model: str,
+    refine: bool = True,
+    connector: dict[str, Any] | None = None,
+) -> tuple[MMSeRForConditionalGeneration, Any, Any]:
+    """A trainable starting point: pretrained CLIP vision tower and OPT (hub ids or local
+    directories), a fresh projector and SeR-Connector. Returns (model, processor, tokenizer).
+    """
+    vision = CLIPVisionModel.from_pretrained(vision_model)
+    lm = OPTForCausalLM.from_pretrained(language_model)
+    processor = AutoImageProcessor.from_pretrained(vision_model)
+    tokenizer = AutoTokenizer.from_pretrained(language_model, padding_side="left")
+    if IMAGE_TOKEN not in tokenizer.get_vocab():
+        tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+    image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    if image_id >= lm.config.vocab_size:
+        # OPT-125M has unused rows 50265-50271; a tokenizer without room needs a resize.
+        lm.resize_token_embeddings(len(tokenizer))
+    v = vision.config
+    config = MMSeRConfig(
+        vision_config=v.to_dict(),
+        text_config=lm.config.to_dict(),
+        image_token_index=image_id,
+        image_seq_length=(v.image_size // v.patch_size) ** 2,
+        refine=refine,
+        **(connector or {}),
+    )
+    model = MMSeRForConditionalGeneration(config)
+    model.model.vision_tower.load_state_dict(vision.state_dict())
+    model.model.language_model.load_state_dict(lm.model.state_dict())
+    model.tie_weights()
+    return model, processor, tokenizer
+
+
+class MMSeRCaptioner(Captioner):
+    """Batched captioning with optional self-refinement (refine_steps 0 = simple model)."""
+
+    def __init__(
+        self,
+        name: str,
+        model: MMSeRForConditionalGeneration,
+        processor: Any,
+        tokenizer: Any,
+        settings: CaptionerSettings,
+        fingerprint: str,
+    ) -> None:
+        self.name = name
+        self.model = model.eval()
+        self.processor = processor
+        self.tokenizer = tokenizer
+        self.settings = settings
+        self.fingerprint = fingerprint
+        mm = settings.mmser
+        self.refine_steps = mm.refine_steps if name == "mmser" else 0
+        self.confidence_threshold = mm.confidence_threshold if name == "mmser" else None
+        if self.refine_steps < 0:
+            raise CaptionerError(
+                f"captioner.mmser.refine_steps must be >= 0, got {mm.refine_steps}"
+            )
+        if self.refine_steps and model.ser_connector is None:
+            raise CaptionerError(
+                f"captioner {name!r}: refine_steps={self.refine_steps} needs a checkpoint with a "
+                "SeR-Connector, but this one is a simple model (config.refine is false)"
+            )
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        cfg = model.config
+        gen = settings.generation
+        ids = tokenizer(f"\n{gen.prompt}\n", add_special_tokens=False)["input_ids"]
+        bos = tokenizer.bos_token_id
+        prompt = ([bos] if bos is not None else []) + [cfg.image_token_index] * cfg.image_seq_length
+        self.prompt_ids = torch.tensor(prompt + ids, device=self.device)  # (S,)
+        refine_ids = tokenizer(f"\n{mm.refine_prompt}\n", add_special_tokens=False)["input_ids"]
+        self.instruction_ids = torch.tensor(refine_ids, device=self.device)  # (I,)
+        self.generation = GenerationConfig(
+            max_new_tokens=gen.max_new_tokens,
+            min_new_tokens=gen.min_new_tokens,
+            num_beams=gen.num_beams,
+            do_sample=False,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=bos,
+        )
+
+    def identity(self) -> dict[str, Any]:
+        mm = self.settings.mmser
+        return {
+            "name": self.name,
+            "checkpoint": self.fingerprint,
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "generation": dataclasses.asdict(self.settings.generation),
+            "refine_steps": self.refine_steps,
+            "confidence_threshold": self.confidence_threshold,
+            "refine_prompt": mm.refine_prompt if self.refine_steps else None,
+        }
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def caption_batch(self, frames: Sequence[np.ndarray] | np.ndarray) -> CaptionBatch:
+        """B frames (H, W, 3) uint8 -> B results; timings in seconds per stage."""
+        frames = check_frames(frames)
+        B = len(frames)
+        timings: dict[str, float] = {}
+        start = time.perf_counter()
+
+        def lap(stage: str) -> None:
+            nonlocal start
+            self._sync()
+            now = time.perf_counter()
+            timings[stage] = timings.get(stage, 0.0) + now - start
+            start = now
+
+        pixels = self.processor(images=frames, return_tensors="pt")["pixel_values"]
+        pixels = pixels.to(self.device, self.dtype)  # (B, 3, H, W)
+        lap("preprocess")
+        with torch.inference_mode():
+            features = self.model.encode_images(pixels)
+        lap("vision")
+        input_ids = self.prompt_ids[None].expand(B, -1)  # one prompt: no padding needed
+        mask = torch.ones_like(input_ids)
+        state = self.model.caption_pass(
+            input_ids, mask, features, self.generation, keep_state=self.refine_steps > 0
+        )
+        coarse = self.tokenizer.batch_decode(state.tokens, skip_special_tokens=True)
+        lap("coarse")
+        captions, passes = list(coarse), [0] * B
+        keep = None
+        if self.confidence_threshold is not None and self.refine_steps:
+            keep = state.confidence < self.confidence_threshold
+        for step in range(self.refine_steps):
+            if keep is not None:
+                if not bool(keep.any()):
+                    break
+                if not bool(keep.all()):
+                    state = state.select(keep.nonzero()[:, 0])
+            state = self.model.refine_pass(
+                state, features, self.instruction_ids, self.generation,
+                keep_state=step + 1 < self.refine_steps,
+                reuse_cache=self.settings.mmser.reuse_cache,
+            )
+            texts = self.tokenizer.batch_decode(state.tokens, skip_special_tokens=True)
+            rows = state.rows.tolist()
+            # Adaptive stop: a frame whose caption this pass left unchanged is done.
+            changed = [texts[i] != captions[r] for i, r in enumerate(rows)]
+            for i, r in enumerate(rows):
+                captions[r] = texts[i]
+                passes[r] += 1
+            keep = torch.tensor(changed, device=self.device)
+        if self.refine_steps:
+            lap("refine")
+        results = [
+            CaptionResult(
+                caption=captions[i].strip(),
+                coarse_caption=coarse[i].strip() if self.refine_steps else None,
+                refine_passes=passes[i],
+            )
+            for i in range(B)
+        ]
+        return CaptionBatch(results=results, timings=timings)
+
+
+def _settings_for(settings: CaptionerSettings, name: str) -> Any:
+    if name not in NAMES:
+        raise CaptionerError(f"captioner.mmser builds {', '.join(NAMES)}, not {name!r}")
+    return settings.simple if name == "simple" else settings.mmser
+
+
+def build(settings: CaptionerSettings, name: str, **kwargs: Any) -> MMSeRCaptioner:
+    """Build `simple` or `mmser`. kwargs override settings: checkpoint, device, dtype."""
+    unknown = set(kwargs) - {"checkpoint", "device", "dtype"}
+    if unknown:
+        raise CaptionerError(f"unknown build options {sorted(unknown)} for captioner {name!r}")
+    own = _settings_for(settings, name)
+    checkpoint = kwargs.get("checkpoint", own.checkpoint)
+    device, dtype = resolve_device(
+        kwargs.get("device", settings.device), kwargs.get("dtype", settings.dtype)
+    )
+    if checkpoint is not None:
+        path = Path(checkpoint)
+        if not (path / "config.json").is_file():
+            raise CaptionerError(f"{path}: not a checkpoint directory (no config.json)")
+        model = MMSeRForConditionalGeneration.from_pretrained(
+            path, dtype=dtype, attn_implementation="sdpa"
+        )
+        processor = AutoImageProcessor.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
+        fingerprint = checkpoint_fingerprint(path)
+    else:
+        model, processor, tokenizer = from_components(
+            own.vision_model, own.language_model, refine=name == "mmser"
+        )
+        model = model.to(dtype)
+        model.set_attn_implementation("sdpa")
+        # An untrained projector/connector: the key says so, no cache entry pretends otherwise.
+        fingerprint = f"untrained:{own.vision_model}+{own.language_model}"
+    return MMSeRCaptioner(name, model.to(device), processor, tokenizer, settings, fingerprint)
+
+
+def parameter_counts(settings: CaptionerSettings, name: str) -> dict[str, int]:
+    """Per-component parameters at the real size (CLIP ViT-L/14-336 + OPT-125M), on meta."""
+    _settings_for(settings, name)
+    with torch.device("meta"):
+        model = MMSeRForConditionalGeneration(real_config(refine=name == "mmser"))
+    return count_parameters(model)
+
+
+__all__ = ["MMSeRCaptioner", "build", "checkpoint_fingerprint", "from_components",
+           "parameter_counts", "resolve_device"]

@@ -1,0 +1,284 @@
+"""The simple and MM-SeR captioners on tiny random-weights checkpoints built here.
+
+Random weights: captions are gibberish, so tests compare captions between code paths
+(batched vs single, saved vs loaded, ...) and check structure, never quality.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from captioner.base import build_captioner, parameter_counts
+from captioner.mmser import build
+from captioner.settings import CaptionerSettings
+from captioner.tiny import build_tiny_checkpoint
+from pipeline.errors import CaptionerError
+
+NEW_TOKENS = 10
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny-mmser"), refine=True, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_simple_dir(tmp_path_factory):
+    return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny-simple"), refine=False, seed=1)
+
+
+def settings(**mmser) -> CaptionerSettings:
+    s = CaptionerSettings(device="cpu", dtype="float32")
+    s.generation.max_new_tokens = NEW_TOKENS
+    s.mmser = dataclasses.replace(s.mmser, **mmser)
+    return s
+
+
+@pytest.fixture(scope="session")
+def mmser(tiny_dir):
+    return build(settings(), "mmser", checkpoint=tiny_dir)
+
+
+@pytest.fixture(scope="session")
+def frames():
+    """Six frames of different sizes and content (the processor resizes them)."""
+    rng = np.random.default_rng(0)
+    sizes = [(48, 40), (32, 32), (60, 90), (33, 47), (40, 40), (64, 48)]
+    return [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in sizes]
+
+
+def captions(batch) -> list[tuple[str, str | None, int]]:
+    return [(r.caption, r.coarse_caption, r.refine_passes) for r in batch.results]
+
+
+def test_results_and_timings(mmser, frames):
+    batch = mmser.caption_batch(frames)
+    assert len(batch.results) == len(frames)
+    assert all(r.refine_passes == 1 and r.coarse_caption is not None for r in batch.results)
+    assert set(batch.timings) == {"preprocess", "vision", "coarse", "refine"}
+    assert all(t >= 0 for t in batch.timings.values())
+
+
+def test_round_trip_gives_identical_captions(mmser, frames, tmp_path):
+    mmser.model.save_pretrained(tmp_path)
+    mmser.processor.save_pretrained(tmp_path)
+    mmser.tokenizer.save_pretrained(tmp_path)
+    reloaded = build(settings(), "mmser", checkpoint=tmp_path)
+    assert captions(reloaded.caption_batch(frames)) == captions(mmser.caption_batch(frames))
+
+
+def test_auto_class_loads_checkpoint(tiny_dir):
+    from transformers import AutoModelForImageTextToText
+
+    from captioner.modeling_mmser import MMSeRForConditionalGeneration
+
+    model = AutoModelForImageTextToText.from_pretrained(tiny_dir)
+    assert isinstance(model, MMSeRForConditionalGeneration)
+    assert model.lm_head.weight is model.get_input_embeddings().weight  # tied, as in OPT
+
+
+def test_batched_equals_one_by_one(mmser, frames):
+    batch = mmser.caption_batch(frames)
+    single = [mmser.caption_batch([f]).results[0] for f in frames]
+    assert captions(batch) == [(r.caption, r.coarse_caption, r.refine_passes) for r in single]
+
+
+def test_batch_exercises_padding(mmser, frames):
+    """The refine pass continues rows whose coarse captions end at different lengths
+    (holes in the attention mask); the tiny checkpoint must produce such a batch."""
+    pixels = mmser.processor(images=frames, return_tensors="pt")["pixel_values"]
+    features = mmser.model.encode_images(pixels)
+    ids = mmser.prompt_ids[None].expand(len(frames), -1)
+    state = mmser.model.caption_pass(
+        ids, torch.ones_like(ids), features, mmser.generation, keep_state=True
+    )
+    refined = mmser.model.refine_pass(
+        state, features, mmser.instruction_ids, mmser.generation, keep_state=False
+    )
+    lengths = refined.token_mask.sum(1).tolist() + state.token_mask.sum(1).tolist()
+    assert len(set(lengths)) > 1, lengths
+
+
+def test_refine_steps_zero_equals_simple(tiny_dir, frames):
+    simple = build(settings(), "simple", checkpoint=tiny_dir)
+    zero = build(settings(refine_steps=0), "mmser", checkpoint=tiny_dir)
+    got_simple, got_zero = simple.caption_batch(frames), zero.caption_batch(frames)
+    assert [r.caption for r in got_zero.results] == [r.caption for r in got_simple.results]
+    assert all(r.refine_passes == 0 and r.coarse_caption is None for r in got_zero.results)
+    assert "refine" not in got_simple.timings
+
+
+def test_refined_differs_from_coarse_path(mmser, tiny_dir, frames):
+    """The refinement pass really feeds the connector's tokens to the LM: its caption is
+    not the coarse caption's continuation without them."""
+    batch = mmser.caption_batch(frames)
+    assert any(r.caption != r.coarse_caption for r in batch.results)
+
+
+def test_vision_tower_runs_once_per_image(tiny_dir, frames):
+    captioner = build(settings(refine_steps=3), "mmser", checkpoint=tiny_dir)
+    seen: list[int] = []
+    hook = captioner.model.model.vision_tower.register_forward_hook(
+        lambda module, args, out: seen.append(args[0].shape[0])
+    )
+    try:
+        batch = captioner.caption_batch(frames)
+    finally:
+        hook.remove()
+    assert seen == [len(frames)]
+    assert max(r.refine_passes for r in batch.results) >= 2
+
+
+def test_saliency_shape_and_normalised(mmser, frames):
+    pixels = mmser.processor(images=frames, return_tensors="pt")["pixel_values"]
+    features = mmser.model.encode_images(pixels)
+    ids = mmser.prompt_ids[None].expand(len(frames), -1)
+    state = mmser.model.caption_pass(
+        ids, torch.ones_like(ids), features, mmser.generation, keep_state=True
+    )
+    n_image = mmser.model.config.image_seq_length
+    assert state.saliency.shape == (len(frames), n_image)
+    assert bool((state.saliency >= 0).all())
+    torch.testing.assert_close(state.saliency.sum(-1), torch.ones(len(frames)))
+    # The LM's attention is not uniform over image tokens.
+    assert float(state.saliency.std(-1).min()) > 0
+    assert state.cond.shape == (*state.tokens.shape, mmser.model.config.text_config.hidden_size)
+
+
+def test_reused_cache_equals_full_prefill(tiny_dir, frames):
+    reuse = build(settings(reuse_cache=True), "mmser", checkpoint=tiny_dir)
+    full = build(settings(reuse_cache=False), "mmser", checkpoint=tiny_dir)
+    assert captions(reuse.caption_batch(frames)) == captions(full.caption_batch(frames))
+
+
+def test_confidence_threshold_skips_refinement(tiny_dir, frames):
+    never = build(settings(confidence_threshold=0.0), "mmser", checkpoint=tiny_dir)
+    always = build(settings(confidence_threshold=1.01), "mmser", checkpoint=tiny_dir)
+    skipped = never.caption_batch(frames).results
+    assert all(r.refine_passes == 0 and r.caption == r.coarse_caption for r in skipped)
+    assert all(r.refine_passes == 1 for r in always.caption_batch(frames).results)
+
+
+def test_partial_confidence_rows_match_full_batch(tiny_dir, mmser, frames):
+    """Refining only some rows (cache rows selected) gives those rows the same captions."""
+    pixels = mmser.processor(images=frames, return_tensors="pt")["pixel_values"]
+    features = mmser.model.encode_images(pixels)
+    ids = mmser.prompt_ids[None].expand(len(frames), -1)
+    state = mmser.model.caption_pass(
+        ids, torch.ones_like(ids), features, mmser.generation, keep_state=True
+    )
+    threshold = float(state.confidence.median())
+    some = build(settings(confidence_threshold=threshold), "mmser", checkpoint=tiny_dir)
+    got = some.caption_batch(frames).results
+    full = mmser.caption_batch(frames).results
+    refined = [i for i, r in enumerate(got) if r.refine_passes]
+    assert 0 < len(refined) < len(frames)
+    assert all(got[i].caption == full[i].caption for i in refined)
+
+
+def test_beam_search_captions(tiny_dir, frames):
+    s = settings()
+    s.generation.num_beams = 2
+    batch = build(s, "mmser", checkpoint=tiny_dir).caption_batch(frames[:3])
+    assert len(batch.results) == 3 and all(r.refine_passes == 1 for r in batch.results)
+
+
+def test_min_new_tokens_fixes_length(tiny_dir, frames):
+    s = settings()
+    s.generation.min_new_tokens = NEW_TOKENS
+    captioner = build(s, "simple", checkpoint=tiny_dir)
+    pixels = captioner.processor(images=frames, return_tensors="pt")["pixel_values"]
+    features = captioner.model.encode_images(pixels)
+    ids = captioner.prompt_ids[None].expand(len(frames), -1)
+    state = captioner.model.caption_pass(
+        ids, torch.ones_like(ids), features, captioner.generation, keep_state=False
+    )
+    assert state.token_mask.sum(1).tolist() == [NEW_TOKENS] * len(frames)
+
+
+def test_training_step_lowers_loss_through_connector(tiny_dir):
+    captioner = build(settings(), "mmser", checkpoint=tiny_dir)
+    model, tok = captioner.model, captioner.tokenizer
+    torch.manual_seed(0)
+    B = 3
+    pixels = torch.randn(B, 3, 32, 32)
+    ids = captioner.prompt_ids[None].expand(B, -1)
+    coarse = tok(["a red cup on a table", "two dogs", "a man rides a bike"],
+                 padding=True, padding_side="right", return_tensors="pt")
+    coarse_ids = coarse["input_ids"].masked_fill(coarse["attention_mask"] == 0, tok.eos_token_id)
+    target = tok(["a blue cup on a table", "two cats", "a woman rides a bike"],
+                 padding=True, padding_side="right", return_tensors="pt")
+    args = (pixels, ids, coarse_ids, target["input_ids"], target["attention_mask"],
+            captioner.instruction_ids, tok.eos_token_id)
+    lm_before = model.lm_head.weight.detach().clone()
+    # Plain SGD with a small step: the tiny model's wide random init makes the loss curved.
+    optimiser = torch.optim.SGD(model.ser_connector.parameters(), lr=1e-4)
+    loss = model.refinement_loss(*args)
+    loss.backward()
+    assert all(p.grad is not None and bool(p.grad.abs().sum() > 0)
+               for p in model.ser_connector.parameters())
+    optimiser.step()
+    with torch.no_grad():
+        after = model.refinement_loss(*args)
+    assert float(after) < float(loss.detach())
+    assert torch.equal(model.lm_head.weight, lm_before)
+
+
+def test_bad_input_errors(mmser):
+    with pytest.raises(CaptionerError, match="empty batch"):
+        mmser.caption_batch([])
+    with pytest.raises(CaptionerError, match="dtype uint8"):
+        mmser.caption_batch([np.zeros((32, 32, 3), dtype=np.float32)])
+    with pytest.raises(CaptionerError, match=r"shape \(H, W, 3\)"):
+        mmser.caption_batch([np.zeros((32, 32, 5), dtype=np.uint8)])
+    with pytest.raises(CaptionerError, match="wrap a single frame"):
+        mmser.caption_batch(np.zeros((32, 32, 3), dtype=np.uint8))
+
+
+def test_grayscale_and_rgba_are_converted(mmser, frames):
+    gray = frames[0][:, :, 0]
+    rgba = np.concatenate([frames[1], np.full(frames[1].shape[:2] + (1,), 7, np.uint8)], 2)
+    got = mmser.caption_batch([gray, gray[:, :, None], rgba]).results
+    want = mmser.caption_batch([np.repeat(gray[:, :, None], 3, 2), frames[1]]).results
+    assert got[0].caption == got[1].caption == want[0].caption
+    assert got[2].caption == want[1].caption
+
+
+def test_simple_checkpoint_cannot_refine(tiny_simple_dir, frames):
+    assert build(settings(), "simple", checkpoint=tiny_simple_dir).caption_batch(frames[:2])
+    with pytest.raises(CaptionerError, match="no SeR-Connector|simple model"):
+        build(settings(), "mmser", checkpoint=tiny_simple_dir)
+
+
+def test_build_errors(tmp_path, tiny_dir):
+    with pytest.raises(CaptionerError, match="not a checkpoint directory"):
+        build(settings(), "mmser", checkpoint=tmp_path)
+    with pytest.raises(CaptionerError, match="refine_steps"):
+        build(settings(refine_steps=-1), "mmser", checkpoint=tiny_dir)
+    with pytest.raises(CaptionerError, match="unknown build options"):
+        build(settings(), "mmser", checkpoint=tiny_dir, bogus=1)
+
+
+def test_identity_names_everything_that_changes_output(tiny_dir, mmser):
+    ident = mmser.identity()
+    assert ident["name"] == "mmser" and len(ident["checkpoint"]) == 64
+    assert ident["generation"]["max_new_tokens"] == NEW_TOKENS
+    other = build(settings(refine_steps=2), "mmser", checkpoint=tiny_dir).identity()
+    assert other != ident and other["refine_steps"] == 2
+    thresh = build(settings(confidence_threshold=0.5), "mmser", checkpoint=tiny_dir).identity()
+    assert thresh["confidence_threshold"] == 0.5
+    assert build_captioner(settings(), "simple", checkpoint=tiny_dir).identity()["name"] == "simple"
+
+
+def test_parameter_counts_at_real_size():
+    mm = parameter_counts(CaptionerSettings(), "mmser")
+    simple = parameter_counts(CaptionerSettings(), "simple")
+    assert abs(mm["vision_tower"] - 303.5e6) < 0.1e6
+    assert abs(mm["language_model"] - 125.2e6) < 0.1e6
+    assert 45e6 <= mm["ser_connector"] <= 55e6
+    assert 480e6 <= mm["total"] <= 520e6
+    assert simple["ser_connector"] == 0 and abs(simple["total"] - 430.1e6) < 0.1e6
