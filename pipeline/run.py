@@ -30,7 +30,7 @@ from tqdm import tqdm
 from captioner.base import captioner_identity
 from pipeline.cache import CacheRecord, CaptionCache, cache_key, sampling_identity
 from pipeline.caption_stage import CaptionedVideo, CaptionFailure, caption_videos
-from pipeline.config import Config
+from pipeline.config import Config, RaySettings
 from pipeline.datasets import Dataset, load_dataset
 from pipeline.errors import PipelineError
 from pipeline.records import FrameCaption, Transcript, VideoItem
@@ -69,7 +69,26 @@ class CaptionOutcome:
 def _decode_stream(videos: list[VideoItem], config: Config):
     from pipeline.decode import decode_videos
 
-    return decode_videos(videos, config.sampling, config.ray)
+    return decode_videos(videos, config.sampling, _fit_decode_workers(config.ray))
+
+
+def _fit_decode_workers(ray_settings: RaySettings) -> RaySettings:
+    """Without GPUs the caption actors hold CPUs too (1 each): decode workers get the rest,
+    at least one. Asking for more would leave a decode worker waiting for a CPU forever."""
+    if not ray_settings.enabled:
+        return ray_settings
+    import ray
+
+    resources = ray.cluster_resources()
+    if resources.get("GPU", 0):
+        return ray_settings
+    spare = int(resources.get("CPU", 1)) - ray_settings.cpu_caption_actors
+    workers = max(1, min(ray_settings.decode_workers, spare))
+    if workers != ray_settings.decode_workers:
+        log.info("ray.decode_workers %d -> %d: %d CPUs, %d held by caption actors",
+                 ray_settings.decode_workers, workers, int(resources.get("CPU", 1)),
+                 ray_settings.cpu_caption_actors)
+    return dataclasses.replace(ray_settings, decode_workers=workers)
 
 
 def caption_videos_cached(
