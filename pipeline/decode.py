@@ -40,6 +40,7 @@ from pipeline.records import SampledFrames, VideoItem
 JOBS_PER_WORKER = 2  # one decoding + one queued: workers never idle, memory stays bounded
 WORKER_START_TIMEOUT_S = 300.0  # starting an actor process on a loaded machine can be slow
 DIED_RETRIES = 1  # a video whose worker died is tried once more on a fresh worker
+START_RETRIES = 3  # a worker that fails to start is replaced this many times, then we stop
 
 
 @dataclass(frozen=True)
@@ -62,12 +63,15 @@ class WorkerStats:
     pid: int
     rss_bytes: int  # resident set now (the video's frames still held)
     peak_rss_bytes: int  # the process's high-water mark so far
+    # Private memory only: RSS also counts the object-store pages the worker has written
+    # results into, which are shared and belong to the store, not to the worker.
+    uss_bytes: int
 
 
 def _own_stats() -> WorkerStats:
-    rss = psutil.Process().memory_info().rss
+    memory = psutil.Process().memory_full_info()
     peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    return WorkerStats(pid=os.getpid(), rss_bytes=rss, peak_rss_bytes=peak_kib * 1024)
+    return WorkerStats(os.getpid(), memory.rss, peak_kib * 1024, memory.uss)
 
 
 class DecodeWorker:
@@ -200,6 +204,7 @@ def _decode_on_ray(
     source = iter(items)
     todo: deque[_Job] = deque()  # jobs to (re)submit before new items
     slots = [new_slot() for _ in range(workers)]
+    start_failures = 0
     try:
         while True:
             # Fill: the least-loaded slot first, at most JOBS_PER_WORKER each.
@@ -232,8 +237,14 @@ def _decode_on_ray(
                     slot = starting[ref]
                     try:
                         slot.pid = ray.get(ref)
-                    except RayActorError:
-                        todo.extendleft(reversed(replace(slot)))  # could not start: try again
+                    except RayActorError as exc:
+                        start_failures += 1
+                        if start_failures > START_RETRIES:
+                            raise PipelineError(
+                                f"Ray decode workers failed to start {start_failures} times; "
+                                f"last error: {_first_line(exc)}"
+                            ) from exc
+                        todo.extendleft(reversed(replace(slot)))
                         continue
                     slot.ready = True
                     if slot.jobs:
@@ -249,7 +260,7 @@ def _decode_on_ray(
                     if job.attempt < DIED_RETRIES:
                         todo.appendleft(_Job(job.item, job.attempt + 1))
                         continue
-                    result, stats = _failure(job, f"decode worker died: {exc}"), None
+                    result, stats = _failure(job, f"decode worker died: {_first_line(exc)}"), None
                 except RayTaskError as exc:
                     result, stats = _failure(job, f"decode worker raised: {exc.cause!r}"), None
                 if slot.jobs:
@@ -275,6 +286,11 @@ def _decode_on_ray(
     finally:
         for slot in slots:
             ray.kill(slot.actor, no_restart=True)
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
 
 
 def _failure(job: _Job, reason: str, timed_out: bool = False) -> DecodeFailure:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -129,6 +130,30 @@ def alive(pid: int) -> bool:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
+
+
+def test_a_worker_that_dies_gets_its_video_retried_on_a_fresh_one(ray_cluster, videos):
+    settings = RaySettings(num_cpus=2, decode_workers=1)
+    sampling = SamplingSettings(resize=None, decode_timeout_s=6.0)
+    stream = decode_videos_with_stats(
+        items(videos, "clip0", "hang", "short"), sampling, settings, progress=False
+    )
+    first, stats = next(stream)
+    assert first.video_id == "clip0" and stats is not None
+    # The worker has moved on to the pipe and blocks there; kill it from outside, as the
+    # kernel's OOM killer would. Reading wchan tells when it is blocked (Linux).
+    wchan = Path(f"/proc/{stats.pid}/wchan")
+    deadline = time.monotonic() + 5
+    while wchan.read_text() != "wait_for_partner" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert wchan.read_text() == "wait_for_partner"
+    os.kill(stats.pid, signal.SIGKILL)
+    rest = by_id(result for result, _ in stream)
+    # Retried once on a fresh worker, which blocks too and is killed by the timeout.
+    hung = rest["hang"]
+    assert isinstance(hung, DecodeFailure) and hung.timed_out
+    assert int(re.search(r"pid (\d+)", hung.reason).group(1)) != stats.pid
+    assert isinstance(rest["short"], SampledFrames)
 
 
 def test_in_flight_videos_are_bounded(ray_cluster, videos):
