@@ -159,6 +159,8 @@ class MMSeRCaptioner(Captioner):
             "refine_steps": self.refine_steps,
             "confidence_threshold": self.confidence_threshold,
             "refine_prompt": mm.refine_prompt if self.refine_steps else None,
+            # Same captions up to float rounding, which can flip a bf16 argmax.
+            "reuse_cache": mm.reuse_cache if self.refine_steps else None,
         }
 
     def _sync(self) -> None:
