@@ -97,6 +97,8 @@ class Reader:
             count_tokens, counter_kind = make_token_counter(settings)
         self.count_tokens = count_tokens
         self.counter_kind = counter_kind
+        self.in_flight = 0  # requests sent and not yet answered
+        self.max_in_flight = 0  # the most ever in flight at once (reported by benchmarks)
         # Retries are ours (bounded, with our backoff, counted per record), not the SDK's.
         self.client = AsyncOpenAI(
             base_url=base_url,
@@ -109,8 +111,8 @@ class Reader:
         await self.client.close()
 
     # --- one request, retried --------------------------------------------------------
-    async def _send(self, user: str, stage: Stage) -> tuple[_Reply, int]:
-        """One chat request for `stage`, retried; returns (reply, attempts) or raises."""
+    async def _send(self, user: str, stage: Stage, record: AnswerRecord) -> _Reply:
+        """One chat request for `stage`, retried (each try counted in `record.attempts`)."""
         s = self.settings
         kwargs: dict[str, object] = {
             "model": s.model_name,
@@ -134,11 +136,19 @@ class Reader:
         attempt = 0
         while True:
             attempt += 1
+            record.attempts += 1
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+            error: Exception | None = None
             try:
                 resp = await self.client.chat.completions.create(**kwargs)  # type: ignore[arg-type]
-            except _RETRYABLE:
+            except _RETRYABLE as exc:
+                error = exc
+            finally:
+                self.in_flight -= 1
+            if error is not None:
                 if attempt > s.max_retries:
-                    raise
+                    raise error
                 await asyncio.sleep(min(s.retry_backoff_s * 2 ** (attempt - 1), _MAX_BACKOFF_S))
                 continue
             choice = resp.choices[0]
@@ -149,7 +159,7 @@ class Reader:
                 prompt_tokens=usage.prompt_tokens if usage else 0,
                 completion_tokens=usage.completion_tokens if usage else 0,
             )
-            return reply, attempt
+            return reply
 
     # --- one question ------------------------------------------------------------------
     def budget_tokens(self, fields: dict[str, object]) -> int | None:
@@ -195,8 +205,7 @@ class Reader:
             reply: _Reply | None = None
             for number, stage in enumerate(self.template.stages, 1):
                 user = fill(stage.user, fields, f"{self.template.name!r} stage {number}")
-                reply, attempts = await self._send(user, stage)
-                record.attempts += attempts
+                reply = await self._send(user, stage, record)
                 record.stage_outputs.append(reply.text)
                 record.prompt_tokens += reply.prompt_tokens
                 record.completion_tokens += reply.completion_tokens
@@ -206,7 +215,6 @@ class Reader:
             record.raw_output = reply.text
             self._read_answer(record, reply, question)
         except (openai.APIError, ReaderError) as exc:
-            record.attempts = max(record.attempts, 1)
             record.error = f"{type(exc).__name__}: {exc}"
         record.latency_s = time.perf_counter() - t0
         return record

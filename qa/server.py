@@ -105,7 +105,8 @@ class ManagedServer:
         self.log_path = Path(log_path)
         self.poll_s = poll_s
         self.process: subprocess.Popen[bytes] | None = None
-        self.pids: set[int] = set()  # every pid of the tree seen so far, for the orphan check
+        # Every process of the tree seen so far (psutil guards against pid reuse).
+        self.procs: dict[int, psutil.Process] = {}
 
     @property
     def base_url(self) -> str:
@@ -136,7 +137,7 @@ class ManagedServer:
                 start_new_session=True,  # own process group: stop() kills the whole tree
                 preexec_fn=_die_with_parent,
             )
-        self.pids.add(self.process.pid)
+        self._remember_children()
         try:
             self._wait_healthy()
         except BaseException:
@@ -168,21 +169,26 @@ class ManagedServer:
         if self.process is None:
             return
         try:
-            children = psutil.Process(self.process.pid).children(recursive=True)
+            leader = psutil.Process(self.process.pid)
+            tree = [leader, *leader.children(recursive=True)]
         except psutil.NoSuchProcess:
             return
-        self.pids.update(child.pid for child in children)
+        for proc in tree:
+            self.procs.setdefault(proc.pid, proc)
+
+    def _alive(self) -> list[psutil.Process]:
+        alive = []
+        for proc in self.procs.values():
+            try:
+                if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
+                    alive.append(proc)
+            except psutil.NoSuchProcess:
+                continue
+        return alive
 
     def alive_pids(self) -> list[int]:
         """Pids of the server tree that still run (zombies count as gone)."""
-        alive = []
-        for pid in self.pids:
-            try:
-                if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
-                    alive.append(pid)
-            except psutil.NoSuchProcess:
-                continue
-        return sorted(alive)
+        return sorted(proc.pid for proc in self._alive())
 
     def stop(self, grace_s: float = 10.0) -> None:
         """SIGTERM the process group, SIGKILL whatever is left after `grace_s`. Idempotent."""
@@ -195,20 +201,22 @@ class ManagedServer:
                 os.killpg(pgid, sig)
             except ProcessLookupError:
                 pass
-            # Children that left the group (none expected) are signalled one by one.
-            for pid in self.alive_pids():
+            # Members that left the group (none expected) are signalled one by one.
+            alive = self._alive()
+            for proc in alive:
                 try:
-                    os.kill(pid, sig)
-                except ProcessLookupError:
+                    proc.send_signal(sig)
+                except psutil.NoSuchProcess:
                     pass
-            try:
-                self.process.wait(timeout=wait_s)
-            except subprocess.TimeoutExpired:
-                continue
-            if not self.alive_pids():
+            # Poll rather than psutil.wait_procs: a zombie that is not our child counts as
+            # gone here, while wait_procs would wait for its reaper.
+            deadline = time.monotonic() + wait_s
+            while self._alive() and time.monotonic() < deadline:
+                self.process.poll()  # reap the leader as soon as it exits
+                time.sleep(0.05)
+            if not self._alive():
                 break
-        # Reap: the leader is our child; other members were reparented and get reaped there.
-        try:
+        try:  # reap the leader (our child); the others were reparented and reaped there
             self.process.wait(timeout=1.0)
         except subprocess.TimeoutExpired:
             pass
