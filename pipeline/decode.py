@@ -98,12 +98,15 @@ def decode_videos(
     sampling: SamplingSettings,
     ray_settings: RaySettings,
     progress: bool = True,
+    cpus_per_worker: float = 1.0,
 ) -> Iterator[DecodeResult]:
     """Decode every video; yield SampledFrames or DecodeFailure per video as each finishes.
 
     Completion order on Ray, input order when serial. Starts Ray (`init_ray`) when needed.
+    `cpus_per_worker`: see `decode_videos_with_stats`.
     """
-    for result, _ in decode_videos_with_stats(items, sampling, ray_settings, progress):
+    stream = decode_videos_with_stats(items, sampling, ray_settings, progress, cpus_per_worker)
+    for result, _ in stream:
         yield result
 
 
