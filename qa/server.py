@@ -51,6 +51,8 @@ def server_command(settings: ReaderSettings) -> list[str]:
     ]  # fmt: skip
     if settings.max_model_len is not None:
         cmd += ["--max-model-len", str(settings.max_model_len)]
+    if settings.max_num_batched_tokens is not None:
+        cmd += ["--max-num-batched-tokens", str(settings.max_num_batched_tokens)]
     if settings.api_key:
         cmd += ["--api-key", settings.api_key]
     return cmd + list(settings.extra_args)

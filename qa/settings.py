@@ -31,6 +31,10 @@ class ReaderSettings:
     # null: the model's own maximum. Also the context budget of the prompt (see below).
     max_model_len: int | None = 16384
     dtype: str = "auto"
+    # Prompt tokens the engine schedules per step (null: vLLM's default, 2048 on CPU). A
+    # 3-minute transcript is ~3k tokens: a budget below that splits every prompt over
+    # several steps and batches nothing; 16384 lets several questions share a step.
+    max_num_batched_tokens: int | None = None
     gpu_memory_utilization: float = 0.9
     # Any further vLLM server flags, passed through as-is (e.g. ["--enforce-eager"]).
     extra_args: list[str] = field(default_factory=list)

@@ -37,7 +37,7 @@ TINY_CONFIG = {
     "num_key_value_heads": 1,  # grouped-query attention, as in Qwen2.5
     "intermediate_size": 128,
     "num_hidden_layers": 2,
-    "max_position_embeddings": 8192,
+    "max_position_embeddings": 32768,  # Qwen2.5's context: the product's 16k budget fits
 }
 
 
@@ -96,7 +96,10 @@ def build_tiny_reader(out_dir: str | Path, num_merges: int = 8000, seed: int = 0
 
     out = Path(out_dir)
     done = out / ".tiny-reader-complete"
-    if done.exists():
+    # The marker holds the build's parameters: a build from other settings is redone.
+    params = json.dumps({"config": TINY_CONFIG, "num_merges": num_merges, "seed": seed},
+                        sort_keys=True)
+    if done.exists() and done.read_text() == params:
         return out
     out.mkdir(parents=True, exist_ok=True)
     vocab_size = _write_tokenizer(out, num_merges)
@@ -116,5 +119,5 @@ def build_tiny_reader(out_dir: str | Path, num_merges: int = 8000, seed: int = 0
     model = Qwen2ForCausalLM(config)
     model.save_pretrained(str(out))
     # generation_config's eos lets vLLM stop on <|im_end|> like a real Qwen chat model.
-    done.write_text("ok\n")
+    done.write_text(params)
     return out

@@ -66,6 +66,24 @@ def test_budget_none_when_it_fits() -> None:
     assert report.policy == "none" and report.captions_kept == 3 and len(kept) == 3
 
 
+def test_budget_fast_path_skips_tokenizing_when_bytes_fit() -> None:
+    calls = []
+
+    def counting(text: str) -> int:
+        calls.append(text)
+        return words(text)
+
+    transcript = _transcript(["a man cuts an onion"] * 3)  # 3 lines of 22 bytes + newline
+    kept, report = fit_transcript(transcript, 100, counting)
+    assert len(kept) == 3 and report.policy == "none" and not report.exact
+    assert calls == []  # bytes bound tokens for byte-level BPE: nothing to count
+    assert report.tokens_in == 3 * 23
+    # Over budget by bytes but not by tokens: counted exactly, still kept whole.
+    kept, report = fit_transcript(transcript, 30, counting)
+    assert len(kept) == 3 and report.policy == "none" and report.exact
+    assert report.tokens_in == 3 * (6 + 1) and calls
+
+
 def test_budget_dedup_first() -> None:
     # 10 copies of one caption + 2 distinct: dedup alone fits (3 lines * 5 tokens).
     texts = ["a man cuts an onion"] * 10 + ["a woman opens the door", "he walks out now"]
