@@ -295,6 +295,16 @@ def build_metrics(dataset: Dataset, captions: CaptionOutcome, answers: list, cap
     stats = captions.stats
     scores = accuracy(answers).to_dict()
     caption_wall = stats.wall_seconds
+    # The same timing rows as `make bench-captioners`: a captioner's speed per frame, per
+    # EgoSchema video (180 frames at 1 fps) and projected to the 500-question subset.
+    per_frame = caption_wall / stats.captioned_frames if stats.captioned_frames else None
+    timing = {
+        "frames_per_second": round(1 / per_frame, 3) if per_frame else None,
+        "seconds_per_egoschema_video": round(180 * per_frame, 2) if per_frame else None,
+        "projected_egoschema_500_minutes": round(500 * 180 * per_frame / 60, 1)
+        if per_frame else None,
+        "parameters_real_size": _real_size_parameters(config, captioner),
+    }
     return {
         "dataset": dataset.name,
         "captioner": captioner,
@@ -315,11 +325,20 @@ def build_metrics(dataset: Dataset, captions: CaptionOutcome, answers: list, cap
             "read": round(wall["read"], 3),
             "total": round(wall["total"], 3),
         },
-        "frames_per_second": (
-            round(stats.captioned_frames / caption_wall, 3) if caption_wall else None
-        ),
+        "frames_per_second": timing["frames_per_second"],
+        "captioner_timing": timing,
         "hardware": _hardware(),
     }
+
+
+def _real_size_parameters(config: Config, captioner: str) -> int | None:
+    from captioner.base import parameter_counts
+
+    try:
+        counts = parameter_counts(config.captioner, captioner)
+    except Exception:  # a count is a nicety: the report stands without it
+        return None
+    return counts.get("total", sum(counts.values()))
 
 
 def render_report(metrics: dict[str, Any]) -> str:
@@ -337,6 +356,18 @@ def render_report(metrics: dict[str, Any]) -> str:
         "| --- | --- |",
     ]
     lines += [f"| {k} | {v:.1f} |" for k, v in wall.items()]
+    timing = metrics.get("captioner_timing") or {}
+    if timing.get("frames_per_second"):
+        params = timing.get("parameters_real_size")
+        lines += [
+            "",
+            "| captioner | parameters (real size) | frames/s | s per EgoSchema video | "
+            "EgoSchema-500 projected |",
+            "| --- | --- | --- | --- | --- |",
+            f"| {metrics['captioner']} | {f'{params / 1e6:.0f}M' if params else 'n/a'} | "
+            f"{timing['frames_per_second']} | {timing['seconds_per_egoschema_video']} | "
+            f"{timing['projected_egoschema_500_minutes']} min |",
+        ]
     lines += [
         "",
         f"Videos: {metrics['videos']} ({metrics['cache_hits']} from the cache, "

@@ -19,6 +19,7 @@ import pytest
 
 from captioner.tiny import build_tiny_checkpoint
 from pipeline.cache import CaptionCache
+from pipeline.compare import compare_table, load_runs
 from pipeline.config import load_config
 from pipeline.demo_data import generate_demo_dataset
 from pipeline.run import run_videoqa
@@ -122,6 +123,16 @@ def test_managed_run_then_warm_rerun_hits_the_cache(tmp_path, models):
     assert second != folder
     again = json.loads((second / "metrics.json").read_text())
     assert again["cache_hits"] == 3 and again["captioned_frames"] == 0
+
+    # The report carries the captioner timing rows; `compare` puts both runs in one table.
+    timing = metrics["captioner_timing"]
+    assert timing["parameters_real_size"] > 400e6  # MM-SeR's real-size count, not the tiny's
+    assert timing["seconds_per_egoschema_video"] == pytest.approx(
+        180 / timing["frames_per_second"], rel=0.01)
+    assert "s per EgoSchema video" in (folder / "report.md").read_text()
+    table = compare_table(load_runs([folder, second]))
+    rows = [line for line in table.splitlines() if line.startswith("| mmser")]
+    assert len(rows) == 2 and str(folder) in table and str(second) in table
 
 
 def test_corrupt_video_fails_alone(tmp_path, models, reader_server):
