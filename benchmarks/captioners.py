@@ -256,7 +256,7 @@ def write_mmser(
     """A random-weights MM-SeR (refine) or simple-model checkpoint directory."""
     from captioner.modeling_mmser import MMSeRForConditionalGeneration
 
-    # OPT's ids: <unk>=3, <pad>=1, </s>=2 (bos and eos); <image> takes unused row 50265.
+    # <pad>=1 and </s>=2 (bos and eos) as in OPT; <image> takes OPT's unused row 50265.
     tokenizer = word_tokenizer(50265, ["<unk>", "<pad>", "</s>"], ["<image>"])
     tokenizer.pad_token, tokenizer.bos_token, tokenizer.eos_token = "<pad>", "</s>", "</s>"
     image = tokenizer.convert_tokens_to_ids("<image>")
