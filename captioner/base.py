@@ -140,6 +140,18 @@ def build_captioner(
     return captioner_module(name).build(settings, name, **kwargs)
 
 
+def resolve_device_dtype(device: str, dtype: str) -> tuple[str, str]:
+    """Resolve "auto": device -> "cuda" when CUDA is present, else "cpu"; dtype ->
+    "bfloat16" on cuda, else "float32". Explicit values pass through unchanged."""
+    if device == "auto":
+        import torch  # lazy: the registry and identity need no torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if dtype == "auto":
+        dtype = "bfloat16" if device.startswith("cuda") else "float32"
+    return device, dtype
+
+
 def checkpoint_fingerprint(reference: str | None) -> str | None:
     """A content fingerprint of a local checkpoint file or folder; a hub id stays as it is.
 

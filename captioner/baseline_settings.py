@@ -94,17 +94,6 @@ class Tag2TextSettings:
 # --- helpers shared by the two baselines -------------------------------------------------
 
 
-def resolve_device_dtype(device: str, dtype: str) -> tuple[str, str]:
-    """("auto", "auto") -> ("cuda", "bfloat16") when CUDA is present, else ("cpu", "float32")."""
-    import torch  # lazy: this module is imported by the config loader
-
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if dtype == "auto":
-        dtype = "bfloat16" if device.startswith("cuda") else "float32"
-    return device, dtype
-
-
 _SAMPLE_BYTES = 1 << 20
 
 

@@ -25,8 +25,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from captioner.base import CaptionBatch, Captioner, CaptionResult, check_frames
-from captioner.baseline_settings import Llava15Settings, fingerprint_files, resolve_device_dtype
+from captioner.base import (
+    CaptionBatch,
+    Captioner,
+    CaptionResult,
+    check_frames,
+    resolve_device_dtype,
+)
+from captioner.baseline_settings import Llava15Settings, fingerprint_files
 from captioner.settings import CaptionerSettings
 from pipeline.errors import CaptionerError
 

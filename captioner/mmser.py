@@ -28,7 +28,13 @@ from transformers import (
     OPTForCausalLM,
 )
 
-from captioner.base import CaptionBatch, Captioner, CaptionResult, check_frames
+from captioner.base import (
+    CaptionBatch,
+    Captioner,
+    CaptionResult,
+    check_frames,
+    resolve_device_dtype,
+)
 from captioner.configuration_mmser import MMSeRConfig, real_config
 from captioner.modeling_mmser import MMSeRForConditionalGeneration, count_parameters
 from captioner.settings import CaptionerSettings
@@ -36,16 +42,6 @@ from pipeline.errors import CaptionerError
 
 IMAGE_TOKEN = "<image>"
 NAMES = ("simple", "mmser")
-
-
-def resolve_device(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
-    """`auto`: cuda + bfloat16 when a GPU is present, else cpu + float32."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
-    if dtype == "auto":
-        dtype = "bfloat16" if dev.type == "cuda" else "float32"
-    return dev, getattr(torch, dtype)
 
 
 def checkpoint_fingerprint(path: str | Path) -> str:
@@ -243,9 +239,10 @@ def build(settings: CaptionerSettings, name: str, **kwargs: Any) -> MMSeRCaption
         raise CaptionerError(f"unknown build options {sorted(unknown)} for captioner {name!r}")
     own = _settings_for(settings, name)
     checkpoint = kwargs.get("checkpoint", own.checkpoint)
-    device, dtype = resolve_device(
+    device, dtype_name = resolve_device_dtype(
         kwargs.get("device", settings.device), kwargs.get("dtype", settings.dtype)
     )
+    dtype = getattr(torch, dtype_name)
     if checkpoint is not None:
         path = Path(checkpoint)
         if not (path / "config.json").is_file():
@@ -276,4 +273,4 @@ def parameter_counts(settings: CaptionerSettings, name: str) -> dict[str, int]:
 
 
 __all__ = ["MMSeRCaptioner", "build", "checkpoint_fingerprint", "from_components",
-           "parameter_counts", "resolve_device"]
+           "parameter_counts"]

@@ -28,12 +28,14 @@ import torch
 from PIL import Image
 from transformers import DynamicCache, EncoderDecoderCache
 
-from captioner.base import CaptionBatch, Captioner, CaptionResult, check_frames
-from captioner.baseline_settings import (
-    Tag2TextSettings,
-    fingerprint_files,
+from captioner.base import (
+    CaptionBatch,
+    Captioner,
+    CaptionResult,
+    check_frames,
     resolve_device_dtype,
 )
+from captioner.baseline_settings import Tag2TextSettings, fingerprint_files
 from captioner.settings import CaptionerSettings, GenerationSettings
 from captioner.tag2text_checkpoint import load_into, read_checkpoint, read_tag_list
 from captioner.tag2text_model import Tag2TextArch, Tag2TextModel, parameter_breakdown
