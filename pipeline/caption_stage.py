@@ -26,6 +26,7 @@ import numpy as np
 from captioner.base import CaptionBatch, Captioner, CaptionResult, build_captioner
 from captioner.settings import CaptionerSettings
 from pipeline.config import RaySettings
+from pipeline.errors import CaptionerError
 from pipeline.records import SampledFrames
 
 log = logging.getLogger(__name__)
@@ -60,13 +61,26 @@ class CaptionWorker:
             import torch
 
             torch.set_num_threads(torch_threads)
-        self.captioner: Captioner = build_captioner(settings, name)
+        name = name or settings.name
+        try:
+            self.captioner: Captioner = build_captioner(settings, name)
+        except CaptionerError:
+            raise
+        except Exception as exc:  # hub unreachable, bad files, out of memory: say which
+            raise CaptionerError(
+                f"captioner {name!r} could not be built: {type(exc).__name__}: "
+                f"{_first_lines(str(exc))}"
+            ) from exc
 
     def __call__(self, frames: np.ndarray) -> CaptionBatch:
         return self.captioner.caption_batch(frames)
 
     def ping(self) -> bool:
         return True
+
+
+def _first_lines(text: str, lines: int = 2) -> str:
+    return " ".join(line.strip() for line in text.strip().splitlines()[:lines])
 
 
 @dataclass
@@ -116,6 +130,20 @@ class _RayWorkers:
         self.actors = [actor_cls.remote(settings, None, threads) for _ in range(count)]
         self.in_flight = [0] * count
         self._refs: dict[Any, _Batch] = {}
+        # A captioner that cannot be built fails every video alike: stop the run with the
+        # reason now, instead of failing each batch with the same traceback.
+        try:
+            ray.get([actor.ping.remote() for actor in self.actors])
+        except ray.exceptions.RayActorError as exc:
+            self.shutdown()
+            reason = str(exc)
+            marker = "CaptionerError: "
+            if marker in reason:
+                reason = reason[reason.rindex(marker) + len(marker):]
+            raise CaptionerError(
+                f"captioner {settings.name!r} could not start in its Ray actor: "
+                f"{_first_lines(reason)}"
+            ) from None
 
     def capacity(self) -> int:
         return BATCHES_IN_FLIGHT_PER_WORKER * len(self.actors) - len(self._refs)
