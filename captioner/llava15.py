@@ -43,18 +43,11 @@ def real_config() -> Any:
     """llava-hf/llava-1.5-7b-hf's configuration, written out (the hub is not needed):
     CLIP ViT-L/14 at 336 px, a 2-layer GELU projector, Vicuna-7B (LLaMA-2 7B shape) with
     32064 tokens (32000 + <image> + padding to a multiple of 64)."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+    from transformers import LlamaConfig, LlavaConfig
 
-    vision = CLIPVisionConfig(
-        hidden_size=1024,
-        intermediate_size=4096,
-        num_hidden_layers=24,
-        num_attention_heads=16,
-        image_size=336,
-        patch_size=14,
-        projection_dim=768,
-        hidden_act="quick_gelu",
-    )
+    from captioner.configuration_mmser import clip_vit_l14_336_config  # the same tower
+
+    vision = clip_vit_l14_336_config()
     text = LlamaConfig(
         vocab_size=32064,
         hidden_size=4096,
