@@ -7,6 +7,7 @@ imported only when their captioner is built (lmms-eval style lazy registry).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import importlib
@@ -43,18 +44,21 @@ class CaptionBatch:
 
 
 class Captioner(ABC):
-    """Base class: subclasses implement `caption_batch` and `identity`."""
+    """Base class: subclasses implement `caption_batch` and keep the settings they were
+    built from (build() options folded in, see `with_build_options`) as `settings`."""
 
     name: str = ""
+    settings: CaptionerSettings
 
     @abstractmethod
     def caption_batch(self, frames: Sequence[np.ndarray] | np.ndarray) -> CaptionBatch:
         """Caption frames: a sequence of (H, W, 3) uint8 arrays or one (N, H, W, 3) array."""
 
-    @abstractmethod
     def identity(self) -> dict[str, Any]:
-        """Everything that changes the captions (name, checkpoint fingerprint, generation
-        settings): the caption cache's key includes it."""
+        """Everything that changes the captions: the caption cache's key includes it. The
+        same dict as `captioner_identity(settings, name)`, which a run computes before
+        deciding whether to build a captioner at all."""
+        return captioner_identity(self.settings, self.name)
 
 
 def check_frames(frames: Sequence[np.ndarray] | np.ndarray) -> list[np.ndarray]:
@@ -152,10 +156,34 @@ def resolve_device_dtype(device: str, dtype: str) -> tuple[str, str]:
     return device, dtype
 
 
+def with_build_options(
+    settings: CaptionerSettings, name: str, options: dict[str, Any], own_keys: tuple[str, ...]
+) -> CaptionerSettings:
+    """A copy of `settings` for captioner `name` with build() options folded in: `device`
+    and `dtype` at the top level, `own_keys` (e.g. checkpoint) in the captioner's section.
+    Deep-copied, so a caller editing its settings later cannot change a built captioner's
+    identity. Unknown options raise CaptionerError naming the allowed ones."""
+    allowed = ("device", "dtype", *own_keys)
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise CaptionerError(
+            f"unknown build options {unknown} for captioner {name!r}; allowed: {', '.join(allowed)}"
+        )
+    out = copy.deepcopy(settings)
+    out.name = name
+    for key in ("device", "dtype"):
+        if key in options:
+            setattr(out, key, options[key])
+    own = {key: options[key] for key in own_keys if key in options}
+    setattr(out, name, dataclasses.replace(getattr(out, name), **own))
+    return out
+
+
 def checkpoint_fingerprint(reference: str | None) -> str | None:
     """A content fingerprint of a local checkpoint file or folder; a hub id stays as it is.
 
-    A copied or moved checkpoint keeps its fingerprint; retrained weights change it.
+    A copied or moved checkpoint keeps its fingerprint; retrained weights change it. In a
+    folder, `.cache` (huggingface_hub's download metadata) is skipped.
     """
     from pipeline.fingerprint import video_fingerprint  # any file's content fingerprint
 
@@ -166,7 +194,8 @@ def checkpoint_fingerprint(reference: str | None) -> str | None:
         return video_fingerprint(path)
     if path.is_dir():
         digest = hashlib.blake2b(digest_size=20)
-        for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        files = (p for p in path.rglob("*") if p.is_file() and ".cache" not in p.parts)
+        for file in sorted(files):
             digest.update(file.relative_to(path).as_posix().encode())
             digest.update(video_fingerprint(file).encode())
         return "dir-" + digest.hexdigest()
@@ -175,17 +204,18 @@ def checkpoint_fingerprint(reference: str | None) -> str | None:
 
 def captioner_identity(settings: CaptionerSettings, name: str | None = None) -> dict[str, Any]:
     """Everything that changes captioner `name`'s output, without loading it: its name, its
-    settings with checkpoints replaced by content fingerprints, the generation settings and
-    dtype. The caption cache keys on this (batch size and device do not change captions)."""
+    settings section with model files (its `model_files()`) replaced by content
+    fingerprints, the generation settings and dtype. The caption cache keys on this (batch
+    size and device do not change captions)."""
     name = name or settings.name
     if name not in _REGISTRY:
         raise CaptionerError(
             f"unknown captioner {name!r}; known captioners: {', '.join(registered_captioners())}"
         )
-    own = dataclasses.asdict(getattr(settings, name))
-    for key in ("checkpoint", "vision_model", "language_model"):
-        if key in own:
-            own[key] = checkpoint_fingerprint(own[key])
+    section = getattr(settings, name)
+    own = dataclasses.asdict(section)
+    for key, reference in section.model_files().items():
+        own[key] = checkpoint_fingerprint(reference)
     return {
         "name": name,
         "settings": own,

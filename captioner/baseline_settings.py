@@ -7,7 +7,6 @@ here means "use the shared value".
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,16 @@ from typing import Any
 TAG2TEXT_DELETE_TAG_INDICES = [127, 2961, 3351, 3265, 3338, 3355, 3359]
 # Per-tag thresholds above the global one: 2701 "person", 2828 "man", 1167 "woman".
 TAG2TEXT_CLASS_THRESHOLDS = {"2701": 0.7, "2828": 0.7, "1167": 0.7}
+# The tag list's file name next to the official checkpoint (used when tag_list is null).
+DEFAULT_TAG_LIST_NAME = "tag2text_ori_tag_list.txt"
+
+
+def _check_decoding_overrides(section: str, settings: Any) -> None:
+    """The optional per-captioner overrides of the shared decoding settings: None or valid."""
+    for key, least in (("max_new_tokens", 1), ("min_new_tokens", 0), ("num_beams", 1)):
+        value = getattr(settings, key)
+        if value is not None and value < least:
+            raise ValueError(f"{section}.{key} must be >= {least} (or null), got {value}")
 
 
 @dataclass
@@ -32,10 +41,11 @@ class Llava15Settings:
     num_beams: int | None = None
 
     def validate(self) -> None:
-        for key in ("max_new_tokens", "min_new_tokens", "num_beams"):
-            value = getattr(self, key)
-            if value is not None and value < (1 if key != "min_new_tokens" else 0):
-                raise ValueError(f"llava15.{key} must be positive, got {value}")
+        _check_decoding_overrides("llava15", self)
+
+    def model_files(self) -> dict[str, str | None]:
+        """The fields naming model files (local paths or hub ids), as build() reads them."""
+        return {"checkpoint": self.checkpoint}
 
 
 @dataclass
@@ -73,7 +83,22 @@ class Tag2TextSettings:
     # sizes; leave empty for the official checkpoint.
     architecture: dict[str, Any] = field(default_factory=dict)
 
+    def tag_list_path(self) -> str:
+        """The tag list file: `tag_list`, or the official name next to the checkpoint."""
+        if self.tag_list:
+            return self.tag_list
+        return str(Path(self.checkpoint).parent / DEFAULT_TAG_LIST_NAME)
+
+    def model_files(self) -> dict[str, str | None]:
+        """The fields naming model files (local paths or hub ids), as build() reads them."""
+        return {
+            "checkpoint": self.checkpoint,
+            "tag_list": self.tag_list_path(),
+            "tokenizer": self.tokenizer,
+        }
+
     def validate(self) -> None:
+        _check_decoding_overrides("tag2text", self)
         if not 0.0 < self.threshold < 1.0:
             raise ValueError(f"tag2text.threshold must be in (0, 1), got {self.threshold}")
         for key, value in self.class_thresholds.items():
@@ -89,29 +114,3 @@ class Tag2TextSettings:
             )
         if self.max_tag_tokens < 2:
             raise ValueError(f"tag2text.max_tag_tokens must be >= 2, got {self.max_tag_tokens}")
-
-
-# --- helpers shared by the two baselines -------------------------------------------------
-
-
-_SAMPLE_BYTES = 1 << 20
-
-
-def fingerprint_files(paths: list[Path], root: Path | None = None) -> str:
-    """A content fingerprint of checkpoint files, cheap even for 14 GB of weights.
-
-    Hashes each file's name (relative to `root`), size, first and last MiB: different
-    weights differ there with near certainty, and copying a checkpoint keeps it stable
-    (unlike mtimes). Files are taken in sorted order.
-    """
-    digest = hashlib.sha256()
-    for path in sorted(paths):
-        size = path.stat().st_size
-        name = str(path.relative_to(root)) if root else path.name
-        digest.update(f"{name}\0{size}\0".encode())
-        with open(path, "rb") as handle:
-            digest.update(handle.read(_SAMPLE_BYTES))
-            if size > 2 * _SAMPLE_BYTES:
-                handle.seek(size - _SAMPLE_BYTES)
-                digest.update(handle.read(_SAMPLE_BYTES))
-    return digest.hexdigest()[:16]

@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -31,8 +30,9 @@ from captioner.base import (
     CaptionResult,
     check_frames,
     resolve_device_dtype,
+    with_build_options,
 )
-from captioner.baseline_settings import Llava15Settings, fingerprint_files
+from captioner.baseline_settings import Llava15Settings
 from captioner.settings import CaptionerSettings
 from pipeline.errors import CaptionerError
 
@@ -78,27 +78,37 @@ class Llava15Captioner(Captioner):
         self,
         model: Any,
         processor: Any,
-        settings: Llava15Settings,
-        prompt: str,
-        max_new_tokens: int,
-        min_new_tokens: int,
-        num_beams: int,
-        device: str,
-        dtype: str,
-        fingerprint: str,
+        settings: CaptionerSettings | Llava15Settings,
         name: str = "llava15",
+        **legacy: Any,
     ) -> None:
+        """`settings`: what the captioner was built from (its identity); the prompt and
+        token budget are `settings.llava15`'s overrides of `settings.generation`.
+
+        The older form `(model, processor, llava15_settings, prompt=..., max_new_tokens=...,
+        min_new_tokens=..., num_beams=..., device=..., dtype=..., fingerprint=...)` still
+        works (benchmarks/captioners.py uses it); `fingerprint` is ignored there."""
+        if isinstance(settings, Llava15Settings):
+            settings = _from_legacy_arguments(settings, name, **legacy)
+        elif legacy:
+            raise CaptionerError(f"Llava15Captioner: unexpected arguments {sorted(legacy)}")
         self.name = name
         self.model = model
         self.processor = processor
         self.settings = settings
-        self.prompt = prompt
-        self.max_new_tokens = max_new_tokens
-        self.min_new_tokens = min_new_tokens
-        self.num_beams = num_beams
+        own = settings.llava15
+        g = settings.generation.with_overrides(
+            prompt=own.prompt,
+            max_new_tokens=own.max_new_tokens,
+            min_new_tokens=own.min_new_tokens,
+            num_beams=own.num_beams,
+        )
+        self.prompt = g.prompt
+        self.max_new_tokens = g.max_new_tokens
+        self.min_new_tokens = g.min_new_tokens
+        self.num_beams = g.num_beams
+        device, self.dtype = resolve_device_dtype(settings.device, settings.dtype)
         self.device = torch.device(device)
-        self.dtype = dtype
-        self.fingerprint = fingerprint
         # Decoder-only generation continues every row from its last token: pad on the left.
         processor.tokenizer.padding_side = "left"
         self.pad_token_id = processor.tokenizer.pad_token_id
@@ -132,34 +142,28 @@ class Llava15Captioner(Captioner):
         timings["decode"] = time.perf_counter() - start
         return CaptionBatch([CaptionResult(caption=c.strip()) for c in captions], timings)
 
-    def identity(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "checkpoint": self.settings.checkpoint,
-            "fingerprint": self.fingerprint,
-            "dtype": self.dtype,
-            "prompt_template": PROMPT_TEMPLATE,
-            "prompt": self.prompt,
-            "max_new_tokens": self.max_new_tokens,
-            "min_new_tokens": self.min_new_tokens,
-            "num_beams": self.num_beams,
-        }
 
-
-def _local_dir(checkpoint: str) -> Path:
-    """The directory holding the checkpoint's files (for a hub id: its cached snapshot)."""
-    path = Path(checkpoint)
-    if path.is_dir():
-        return path
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(snapshot_download(checkpoint, local_files_only=True))
-    except Exception as exc:  # any hub error means we cannot fingerprint what we loaded
-        raise CaptionerError(
-            f"llava15 checkpoint {checkpoint}: loaded, but its files are not in the local "
-            f"cache to fingerprint ({exc})"
-        ) from exc
+def _from_legacy_arguments(
+    own: Llava15Settings,
+    name: str,
+    prompt: str,
+    max_new_tokens: int,
+    min_new_tokens: int,
+    num_beams: int,
+    device: str,
+    dtype: str,
+    fingerprint: str | None = None,
+) -> CaptionerSettings:
+    """The settings equivalent to the older constructor's resolved values."""
+    del fingerprint  # the identity fingerprints settings.llava15.checkpoint instead
+    own = dataclasses.replace(
+        own,
+        prompt=prompt,
+        max_new_tokens=max_new_tokens,
+        min_new_tokens=min_new_tokens,
+        num_beams=num_beams,
+    )
+    return CaptionerSettings(name=name, device=device, dtype=dtype, llava15=own)
 
 
 def _load(checkpoint: str, dtype: str) -> tuple[Any, Any]:
@@ -212,36 +216,15 @@ def _load(checkpoint: str, dtype: str) -> tuple[Any, Any]:
 def build(settings: CaptionerSettings, name: str = "llava15", **kwargs: Any) -> Llava15Captioner:
     """Build LLaVA-1.5 from `settings.llava15`; kwargs may override `checkpoint`, `device`
     and `dtype`."""
-    unknown = sorted(set(kwargs) - {"checkpoint", "device", "dtype"})
-    if unknown:
-        raise CaptionerError(f"llava15 build: unknown arguments {unknown}")
-    checkpoint = kwargs.get("checkpoint", settings.llava15.checkpoint)
-    s = dataclasses.replace(settings.llava15, checkpoint=checkpoint)
+    settings = with_build_options(settings, name, kwargs, ("checkpoint",))
     try:
-        s.validate()
+        settings.llava15.validate()
     except ValueError as exc:
         raise CaptionerError(str(exc)) from exc
-    device, dtype = resolve_device_dtype(
-        kwargs.get("device", settings.device), kwargs.get("dtype", settings.dtype)
-    )
-    processor, model = _load(s.checkpoint, dtype)
+    device, dtype = resolve_device_dtype(settings.device, settings.dtype)
+    processor, model = _load(settings.llava15.checkpoint, dtype)
     model.to(device).eval()
-    root = _local_dir(s.checkpoint)
-    files = [p for p in root.rglob("*") if p.is_file() and ".cache" not in p.parts]
-    g = settings.generation
-    return Llava15Captioner(
-        model,
-        processor,
-        s,
-        prompt=s.prompt if s.prompt is not None else g.prompt,
-        max_new_tokens=s.max_new_tokens or g.max_new_tokens,
-        min_new_tokens=s.min_new_tokens if s.min_new_tokens is not None else g.min_new_tokens,
-        num_beams=s.num_beams or g.num_beams,
-        device=device,
-        dtype=dtype,
-        fingerprint=fingerprint_files(files, root),
-        name=name,
-    )
+    return Llava15Captioner(model, processor, settings, name)
 
 
 def parameter_counts(settings: CaptionerSettings, name: str = "llava15") -> dict[str, int]:

@@ -11,8 +11,6 @@ only the first pass (refine_steps 0), whatever the checkpoint holds.
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -34,6 +32,7 @@ from captioner.base import (
     CaptionResult,
     check_frames,
     resolve_device_dtype,
+    with_build_options,
 )
 from captioner.configuration_mmser import MMSeRConfig, real_config
 from captioner.modeling_mmser import MMSeRForConditionalGeneration, count_parameters
@@ -42,22 +41,6 @@ from pipeline.errors import CaptionerError
 
 IMAGE_TOKEN = "<image>"
 NAMES = ("simple", "mmser")
-
-
-def checkpoint_fingerprint(path: str | Path) -> str:
-    """sha256 over the contents of every config, tokenizer and weight file of a checkpoint."""
-    path = Path(path)
-    files = sorted(
-        p for p in path.iterdir() if p.is_file() and p.suffix in {".json", ".txt", ".safetensors"}
-    )
-    if not any(p.suffix == ".safetensors" for p in files):
-        raise CaptionerError(f"{path}: no .safetensors weights in this checkpoint directory")
-    digest = hashlib.sha256()
-    for p in files:
-        digest.update(p.name.encode())
-        with p.open("rb") as f:
-            digest.update(hashlib.file_digest(f, "sha256").digest())
-    return digest.hexdigest()
 
 
 def from_components(
@@ -105,14 +88,16 @@ class MMSeRCaptioner(Captioner):
         processor: Any,
         tokenizer: Any,
         settings: CaptionerSettings,
-        fingerprint: str,
+        fingerprint: str | None = None,
     ) -> None:
+        """`settings`: what the captioner was built from (its identity). `fingerprint` is
+        ignored (the identity fingerprints the settings' checkpoint); kept for callers that
+        still pass it."""
         self.name = name
         self.model = model.eval()
         self.processor = processor
         self.tokenizer = tokenizer
         self.settings = settings
-        self.fingerprint = fingerprint
         mm = settings.mmser
         self.refine_steps = mm.refine_steps if name == "mmser" else 0
         self.confidence_threshold = mm.confidence_threshold if name == "mmser" else None
@@ -144,20 +129,6 @@ class MMSeRCaptioner(Captioner):
             pad_token_id=tokenizer.pad_token_id,
             bos_token_id=bos,
         )
-
-    def identity(self) -> dict[str, Any]:
-        mm = self.settings.mmser
-        return {
-            "name": self.name,
-            "checkpoint": self.fingerprint,
-            "dtype": str(self.dtype).removeprefix("torch."),
-            "generation": dataclasses.asdict(self.settings.generation),
-            "refine_steps": self.refine_steps,
-            "confidence_threshold": self.confidence_threshold,
-            "refine_prompt": mm.refine_prompt if self.refine_steps else None,
-            # Same captions up to float rounding, which can flip a bf16 argmax.
-            "reuse_cache": mm.reuse_cache if self.refine_steps else None,
-        }
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
@@ -234,34 +205,30 @@ def _settings_for(settings: CaptionerSettings, name: str) -> Any:
 
 def build(settings: CaptionerSettings, name: str, **kwargs: Any) -> MMSeRCaptioner:
     """Build `simple` or `mmser`. kwargs override settings: checkpoint, device, dtype."""
-    unknown = set(kwargs) - {"checkpoint", "device", "dtype"}
-    if unknown:
-        raise CaptionerError(f"unknown build options {sorted(unknown)} for captioner {name!r}")
+    _settings_for(settings, name)
+    settings = with_build_options(settings, name, kwargs, ("checkpoint",))
     own = _settings_for(settings, name)
-    checkpoint = kwargs.get("checkpoint", own.checkpoint)
-    device, dtype_name = resolve_device_dtype(
-        kwargs.get("device", settings.device), kwargs.get("dtype", settings.dtype)
-    )
+    device, dtype_name = resolve_device_dtype(settings.device, settings.dtype)
     dtype = getattr(torch, dtype_name)
-    if checkpoint is not None:
-        path = Path(checkpoint)
+    if own.checkpoint is not None:
+        path = Path(own.checkpoint)
         if not (path / "config.json").is_file():
             raise CaptionerError(f"{path}: not a checkpoint directory (no config.json)")
+        if not any(path.glob("*.safetensors")):
+            raise CaptionerError(f"{path}: no .safetensors weights in this checkpoint directory")
         model = MMSeRForConditionalGeneration.from_pretrained(
             path, dtype=dtype, attn_implementation="sdpa"
         )
         processor = AutoImageProcessor.from_pretrained(path)
         tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
-        fingerprint = checkpoint_fingerprint(path)
     else:
+        # An untrained projector/connector: the identity says so (checkpoint null).
         model, processor, tokenizer = from_components(
             own.vision_model, own.language_model, refine=name == "mmser"
         )
         model = model.to(dtype)
         model.set_attn_implementation("sdpa")
-        # An untrained projector/connector: the key says so, no cache entry pretends otherwise.
-        fingerprint = f"untrained:{own.vision_model}+{own.language_model}"
-    return MMSeRCaptioner(name, model.to(device), processor, tokenizer, settings, fingerprint)
+    return MMSeRCaptioner(name, model.to(device), processor, tokenizer, settings)
 
 
 def parameter_counts(settings: CaptionerSettings, name: str) -> dict[str, int]:
@@ -272,5 +239,4 @@ def parameter_counts(settings: CaptionerSettings, name: str) -> dict[str, int]:
     return count_parameters(model)
 
 
-__all__ = ["MMSeRCaptioner", "build", "checkpoint_fingerprint", "from_components",
-           "parameter_counts"]
+__all__ = ["MMSeRCaptioner", "build", "from_components", "parameter_counts"]

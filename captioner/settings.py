@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from captioner.baseline_settings import Llava15Settings, Tag2TextSettings
 
@@ -18,6 +19,13 @@ class GenerationSettings:
     min_new_tokens: int = 0
     num_beams: int = 1
 
+    def with_overrides(self, **overrides: Any) -> GenerationSettings:
+        """A copy with every override that is not None applied: a baseline's section leaves
+        a decoding field None to mean "the shared value"."""
+        return dataclasses.replace(
+            self, **{key: value for key, value in overrides.items() if value is not None}
+        )
+
 
 @dataclass
 class SimpleSettings:
@@ -28,14 +36,19 @@ class SimpleSettings:
     vision_model: str = "openai/clip-vit-large-patch14-336"
     language_model: str = "facebook/opt-125m"
 
+    def model_files(self) -> dict[str, str | None]:
+        """The fields naming model files (local paths or hub ids), as build() reads them."""
+        return {
+            "checkpoint": self.checkpoint,
+            "vision_model": self.vision_model,
+            "language_model": self.language_model,
+        }
+
 
 @dataclass
-class MMSeRSettings:
+class MMSeRSettings(SimpleSettings):
     """MM-SeR: the simple model plus SeR-Connector self-refinement."""
 
-    checkpoint: str | None = None
-    vision_model: str = "openai/clip-vit-large-patch14-336"
-    language_model: str = "facebook/opt-125m"
     # Refinement passes: 0 is the simple model, 1 the paper's setting, N iterative.
     refine_steps: int = 1
     # Skip refinement for a frame whose coarse caption's mean token probability is at

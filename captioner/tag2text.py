@@ -34,9 +34,10 @@ from captioner.base import (
     CaptionResult,
     check_frames,
     resolve_device_dtype,
+    with_build_options,
 )
-from captioner.baseline_settings import Tag2TextSettings, fingerprint_files
-from captioner.settings import CaptionerSettings, GenerationSettings
+from captioner.baseline_settings import Tag2TextSettings
+from captioner.settings import CaptionerSettings
 from captioner.tag2text_checkpoint import load_into, read_checkpoint, read_tag_list
 from captioner.tag2text_model import Tag2TextArch, Tag2TextModel, parameter_breakdown
 from pipeline.errors import CaptionerError
@@ -45,7 +46,6 @@ from pipeline.errors import CaptionerError
 # ToTensor, Normalize with ImageNet statistics.
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
-DEFAULT_TAG_LIST_NAME = "tag2text_ori_tag_list.txt"
 
 
 def preprocess(frames: list[np.ndarray], size: int) -> torch.Tensor:
@@ -82,49 +82,46 @@ class Tag2TextCaptioner(Captioner):
         model: Tag2TextModel,
         tokenizer: Any,
         tags: list[str],
-        settings: Tag2TextSettings,
-        generation: GenerationSettings,
-        device: str,
-        dtype: str,
-        checkpoint: str,
-        fingerprint: str,
+        settings: CaptionerSettings,
         name: str = "tag2text",
     ) -> None:
+        """`settings`: what the captioner was built from (its identity); the token budget
+        and beams are `settings.tag2text`'s overrides of `settings.generation`."""
         self.name = name
         self.model = model
         self.tokenizer = tokenizer
         self.tags = tags
         self.settings = settings
+        self.own = own = settings.tag2text
+        device, self.dtype = resolve_device_dtype(settings.device, settings.dtype)
         self.device = torch.device(device)
-        self.dtype = dtype
-        self.checkpoint = checkpoint
-        self.fingerprint = fingerprint
-        self.max_new_tokens = settings.max_new_tokens or generation.max_new_tokens
-        self.min_new_tokens = (
-            settings.min_new_tokens
-            if settings.min_new_tokens is not None
-            else generation.min_new_tokens
+        g = settings.generation.with_overrides(
+            max_new_tokens=own.max_new_tokens,
+            min_new_tokens=own.min_new_tokens,
+            num_beams=own.num_beams,
         )
-        self.num_beams = settings.num_beams or generation.num_beams
+        self.max_new_tokens = g.max_new_tokens
+        self.min_new_tokens = g.min_new_tokens
+        self.num_beams = g.num_beams
         self.enc_token_id = tokenizer.convert_tokens_to_ids("[ENC]")
 
         num_tags = len(tags)
-        bad = [i for i in settings.delete_tag_indices if i >= num_tags]
-        bad += [int(k) for k in settings.class_thresholds if int(k) >= num_tags]
+        bad = [i for i in own.delete_tag_indices if i >= num_tags]
+        bad += [int(k) for k in own.class_thresholds if int(k) >= num_tags]
         if bad:
             raise CaptionerError(
                 f"tag2text.delete_tag_indices / class_thresholds: tag indices {bad} are beyond "
                 f"the tag list's {num_tags} tags"
             )
-        thresholds = torch.full((num_tags,), settings.threshold)
-        for key, value in settings.class_thresholds.items():
+        thresholds = torch.full((num_tags,), own.threshold)
+        for key, value in own.class_thresholds.items():
             thresholds[int(key)] = value
         self.thresholds = thresholds.to(self.device)
         self.keep = torch.ones(num_tags, dtype=torch.bool, device=self.device)
-        self.keep[list(settings.delete_tag_indices)] = False
+        self.keep[list(own.delete_tag_indices)] = False
 
         # "[DEC] a picture of" without the trailing [SEP]: the decoder continues from it.
-        prompt_ids = tokenizer(settings.prompt, return_tensors="pt").input_ids[:, :-1]
+        prompt_ids = tokenizer(own.prompt, return_tensors="pt").input_ids[:, :-1]
         prompt_ids[:, 0] = tokenizer.bos_token_id
         self.prompt_ids = prompt_ids.to(self.device)  # (1, P)
         limit = model.arch.max_positions
@@ -149,7 +146,7 @@ class Tag2TextCaptioner(Captioner):
             [" | ".join(t) for t in tags],
             padding="max_length",
             truncation=True,
-            max_length=self.settings.max_tag_tokens,
+            max_length=self.own.max_tag_tokens,
             return_tensors="pt",
         ).to(self.device)
         tag_ids = enc.input_ids.clone()
@@ -169,7 +166,7 @@ class Tag2TextCaptioner(Captioner):
             min_new_tokens=self.min_new_tokens,
             num_beams=self.num_beams,
             do_sample=False,
-            repetition_penalty=self.settings.repetition_penalty,
+            repetition_penalty=self.own.repetition_penalty,
             eos_token_id=self.tokenizer.sep_token_id,
             pad_token_id=self.tokenizer.pad_token_id,
         )
@@ -198,25 +195,6 @@ class Tag2TextCaptioner(Captioner):
         ]
         return CaptionBatch(results=results, timings=timings)
 
-    def identity(self) -> dict[str, Any]:
-        s = self.settings
-        return {
-            "name": self.name,
-            "checkpoint": self.checkpoint,
-            "fingerprint": self.fingerprint,
-            "dtype": self.dtype,
-            "image_size": self.model.arch.image_size,
-            "threshold": s.threshold,
-            "class_thresholds": dict(sorted(s.class_thresholds.items())),
-            "delete_tag_indices": sorted(s.delete_tag_indices),
-            "prompt": s.prompt,
-            "num_beams": self.num_beams,
-            "max_new_tokens": self.max_new_tokens,
-            "min_new_tokens": self.min_new_tokens,
-            "repetition_penalty": s.repetition_penalty,
-            "max_tag_tokens": s.max_tag_tokens,
-        }
-
 
 # --- registry entry points ------------------------------------------------------------------
 
@@ -238,33 +216,18 @@ def make_arch(settings: Tag2TextSettings, num_tags: int) -> Tag2TextArch:
     return arch
 
 
-def _tokenizer_fingerprint(source: str) -> str:
-    path = Path(source)
-    if path.is_dir():
-        return fingerprint_files([p for p in path.iterdir() if p.is_file()], path)
-    return f"hub:{source}"
-
-
 def build(settings: CaptionerSettings, name: str = "tag2text", **kwargs: Any) -> Tag2TextCaptioner:
     """Build Tag2Text from `settings.tag2text`; kwargs may override `checkpoint`, `device`,
     `dtype`, `tag_list` and `tokenizer`."""
-    unknown = sorted(set(kwargs) - {"checkpoint", "device", "dtype", "tag_list", "tokenizer"})
-    if unknown:
-        raise CaptionerError(f"tag2text build: unknown arguments {unknown}")
-    s = dataclasses.replace(
-        settings.tag2text,
-        **{k: kwargs[k] for k in ("checkpoint", "tag_list", "tokenizer") if k in kwargs},
-    )
+    settings = with_build_options(settings, name, kwargs, ("checkpoint", "tag_list", "tokenizer"))
+    s = settings.tag2text
     try:
         s.validate()
     except ValueError as exc:
         raise CaptionerError(str(exc)) from exc
-    device, dtype = resolve_device_dtype(
-        kwargs.get("device", settings.device), kwargs.get("dtype", settings.dtype)
-    )
+    device, dtype = resolve_device_dtype(settings.device, settings.dtype)
     checkpoint = Path(s.checkpoint)
-    tag_list = Path(s.tag_list) if s.tag_list else checkpoint.parent / DEFAULT_TAG_LIST_NAME
-    tags = read_tag_list(tag_list)
+    tags = read_tag_list(s.tag_list_path())
     tokenizer = load_tokenizer(s.tokenizer)
     arch = make_arch(s, len(tags))
     if len(tokenizer) != arch.vocab_size:
@@ -277,17 +240,7 @@ def build(settings: CaptionerSettings, name: str = "tag2text", **kwargs: Any) ->
     load_into(model, official, str(checkpoint))
     del official
     model.to(device=device, dtype=getattr(torch, dtype)).eval()
-    fingerprint = "|".join(
-        [
-            fingerprint_files([checkpoint]),
-            fingerprint_files([tag_list]),
-            _tokenizer_fingerprint(s.tokenizer),
-        ]
-    )
-    return Tag2TextCaptioner(
-        model, tokenizer, tags, s, settings.generation, device, dtype, str(checkpoint),
-        fingerprint, name,
-    )
+    return Tag2TextCaptioner(model, tokenizer, tags, settings, name)
 
 
 def parameter_counts(settings: CaptionerSettings, name: str = "tag2text") -> dict[str, int]:

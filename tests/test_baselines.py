@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,7 @@ import pytest
 import torch
 from baseline_fixtures import TAGS, TinyTag2TextFiles, write_tiny_llava, write_tiny_tag2text
 
-from captioner.base import build_captioner, parameter_counts
+from captioner.base import build_captioner, captioner_identity, parameter_counts
 from captioner.baseline_settings import Llava15Settings, Tag2TextSettings
 from captioner.settings import CaptionerSettings, GenerationSettings
 from pipeline.errors import CaptionerError
@@ -81,7 +82,7 @@ def test_tag2text_per_tag_thresholds_and_deleted_tags(tag2text_files) -> None:
     )
     (result,) = captioner.caption_batch(_frames(1)).results
     assert result.tags == (TAGS[0], TAGS[2])  # "two" no longer deleted, "grass" now below 0.9
-    assert captioner.identity()["class_thresholds"] == {"3": 0.9}
+    assert captioner.identity()["settings"]["class_thresholds"] == {"3": 0.9}
 
 
 def test_tag2text_batched_equals_one_by_one(tag2text) -> None:
@@ -106,13 +107,28 @@ def test_tag2text_mapping_splits_swin_qkv_and_adds_no_token_type(tag2text_files,
     assert head is tag2text.model.tag_encoder.encoder.layer[0].intermediate.dense.weight
 
 
-def test_tag2text_identity_names_what_changes_captions(tag2text_files, tag2text) -> None:
+def test_tag2text_identity_names_what_changes_captions(tag2text_files, tag2text, tmp_path):
     identity = tag2text.identity()
-    assert identity["num_beams"] == 3 and identity["prompt"] == "a picture of "
-    assert identity["max_new_tokens"] == GENERATION.max_new_tokens
+    own = identity["settings"]
+    assert own["num_beams"] == 3 and own["prompt"] == "a picture of "
+    assert identity["generation"]["max_new_tokens"] == GENERATION.max_new_tokens
+    # The run computes the cache key without building: the same dict.
+    assert identity == captioner_identity(_tag2text_settings(tag2text_files), "tag2text")
+    # Local files are fingerprinted by content (the default tag list, next to the checkpoint,
+    # included); a copy keeps the fingerprint.
+    for key in ("checkpoint", "tag_list", "tokenizer"):
+        assert own[key].startswith(("b2s1-", "dir-")), key
+    moved = shutil.copytree(tag2text_files.tokenizer, tmp_path / "vocab")
+    assert captioner_identity(
+        _tag2text_settings(tag2text_files, tokenizer=str(moved)), "tag2text"
+    ) == identity
     other = build_captioner(_tag2text_settings(tag2text_files, threshold=0.5))
     assert other.identity() != identity
-    assert other.identity()["fingerprint"] == identity["fingerprint"]
+    assert other.identity()["settings"]["checkpoint"] == own["checkpoint"]
+    hub = captioner_identity(
+        _tag2text_settings(tag2text_files, tokenizer="bert-base-uncased"), "tag2text"
+    )
+    assert hub["settings"]["tokenizer"] == "bert-base-uncased"  # a hub id stays as it is
     json.dumps(identity)  # the cache key must be serialisable
 
 
@@ -239,9 +255,9 @@ def test_llava_loads_a_llava_hf_directory_and_captions(llava) -> None:
     assert all(isinstance(r.caption, str) and r.caption for r in batch.results)
     assert set(batch.timings) == {"preprocess", "generate", "decode"}
     identity = llava.identity()
-    assert identity["prompt"] == GENERATION.prompt  # the shared prompt by default
-    assert identity["prompt_template"] == "USER: <image>\n{prompt} ASSISTANT:"
-    assert len(identity["fingerprint"]) == 16
+    assert llava.prompt == identity["generation"]["prompt"] == GENERATION.prompt  # shared
+    assert identity["settings"]["prompt"] is None
+    assert identity["settings"]["checkpoint"].startswith("dir-")  # content, not the path
 
 
 def test_llava_prompt_and_budget_overrides(llava_dir) -> None:
@@ -250,7 +266,8 @@ def test_llava_prompt_and_budget_overrides(llava_dir) -> None:
     )
     (result,) = captioner.caption_batch(_frames(1)).results
     assert len(captioner.processor.tokenizer(result.caption).input_ids) <= 4
-    assert captioner.identity()["prompt"] == "What is shown?"
+    assert captioner.identity()["settings"]["prompt"] == "What is shown?"
+    assert captioner.identity() != build_captioner(_llava_settings(llava_dir)).identity()
 
 
 def test_llava_batched_equals_one_by_one(llava) -> None:
@@ -259,6 +276,23 @@ def test_llava_batched_equals_one_by_one(llava) -> None:
     single = [llava.caption_batch([f]).results[0].caption for f in frames]
     assert batched == single
     assert len(set(batched)) > 1  # the captions depend on the image
+
+
+def test_llava_older_constructor_form_matches_build(llava, llava_dir) -> None:
+    """benchmarks/captioners.py still wraps a model with resolved values and a section."""
+    from captioner.llava15 import Llava15Captioner
+
+    g = GENERATION
+    older = Llava15Captioner(
+        llava.model, llava.processor, Llava15Settings(checkpoint=str(llava_dir)),
+        prompt=g.prompt, max_new_tokens=g.max_new_tokens, min_new_tokens=g.min_new_tokens,
+        num_beams=g.num_beams, device="cpu", dtype="float32", fingerprint="random-weights",
+    )
+    frames = _frames(2, seed=3)
+    assert older.caption_batch(frames).results == llava.caption_batch(frames).results
+    assert older.identity()["settings"]["checkpoint"] == llava.identity()["settings"]["checkpoint"]
+    with pytest.raises(CaptionerError, match="unexpected arguments"):
+        Llava15Captioner(llava.model, llava.processor, llava.settings, prompt="x")
 
 
 def test_llava_missing_directory(tmp_path) -> None:
@@ -279,8 +313,6 @@ def test_llava_not_a_llava_checkpoint(tmp_path) -> None:
 
 
 def test_llava_incomplete_weights_are_refused(llava_dir, tmp_path) -> None:
-    import shutil
-
     from safetensors.torch import load_file, save_file
 
     broken = tmp_path / "broken"

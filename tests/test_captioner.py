@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from captioner.base import build_captioner, parameter_counts
+from captioner.base import build_captioner, captioner_identity, parameter_counts
 from captioner.mmser import build
 from captioner.settings import CaptionerSettings
 from captioner.tiny import build_tiny_checkpoint
@@ -265,13 +265,47 @@ def test_build_errors(tmp_path, tiny_dir):
 
 def test_identity_names_everything_that_changes_output(tiny_dir, mmser):
     ident = mmser.identity()
-    assert ident["name"] == "mmser" and len(ident["checkpoint"]) == 64
+    assert ident["name"] == "mmser" and ident["settings"]["checkpoint"].startswith("dir-")
     assert ident["generation"]["max_new_tokens"] == NEW_TOKENS
-    other = build(settings(refine_steps=2), "mmser", checkpoint=tiny_dir).identity()
-    assert other != ident and other["refine_steps"] == 2
-    thresh = build(settings(confidence_threshold=0.5), "mmser", checkpoint=tiny_dir).identity()
-    assert thresh["confidence_threshold"] == 0.5
+    # The run computes the cache key without building: the same dict.
+    assert ident == captioner_identity(settings(checkpoint=str(tiny_dir)), "mmser")
+    for change in (
+        {"refine_steps": 2},
+        {"confidence_threshold": 0.5},
+        {"refine_prompt": "Fix it."},
+        {"reuse_cache": False},
+    ):
+        other = build(settings(**change), "mmser", checkpoint=tiny_dir).identity()
+        assert other != ident, change
+        assert other["settings"] == {**ident["settings"], **change}
+    same = settings()
+    same.batch_size, same.device = 1, "cpu:0"
+    assert build(same, "mmser", checkpoint=tiny_dir).identity() == ident
     assert build_captioner(settings(), "simple", checkpoint=tiny_dir).identity()["name"] == "simple"
+
+
+def test_identity_fingerprints_checkpoint_content(tiny_dir, mmser, tmp_path):
+    """A copied checkpoint keeps the identity; one changed weight file changes it."""
+    import shutil
+
+    copy = shutil.copytree(tiny_dir, tmp_path / "copy")
+    assert build(settings(), "mmser", checkpoint=copy).identity() == mmser.identity()
+    weights = next(copy.glob("*.safetensors"))
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    changed = captioner_identity(settings(checkpoint=str(copy)), "mmser")
+    assert changed["settings"]["checkpoint"] != mmser.identity()["settings"]["checkpoint"]
+
+
+def test_checkpoint_without_safetensors_is_refused(tiny_dir, tmp_path):
+    import shutil
+
+    copy = shutil.copytree(tiny_dir, tmp_path / "copy")
+    for weights in copy.glob("*.safetensors"):
+        weights.unlink()
+    with pytest.raises(CaptionerError, match="no .safetensors weights"):
+        build(settings(), "mmser", checkpoint=copy)
 
 
 def test_parameter_counts_at_real_size():
