@@ -23,6 +23,18 @@ stack's layer count divided by `--depth-div`, 4 by default; widths, image sizes,
 counts and vocabularies stay real, so the relative cost structure is kept up to the
 embeddings and heads; the cpu default), `tiny` (everything shrunk, for the smoke test).
 
+Timing is built for a shared machine: all captioners are built first (once) and warmed up
+on one batch each; then `--repeats` rounds (3) go over the frames step by step (a step is
+`--batch-size` frames), every captioner captioning the same step back to back, the first
+one rotating. Other jobs' load thus falls on all captioners alike, and each captioner's
+frames/s comes from its median turn (its fastest is kept too); ratios to the simple model
+come from medians of the same rounds. On the CPU torch runs 1 thread by default
+(`--threads`): with 2 threads on a busy 2-core box every parallel region waits for the
+thread another job descheduled, and turns of the same model varied 6-23x (1.2-1.3x with
+one thread, load average ~3). The JSON records the load average at start, before and after
+timing, every turn's seconds and, on the CPU, this process's CPU seconds per turn (a
+cross-check ratio that other jobs' load hardly moves).
+
 Writes captioners.json, captioners.csv and captioners.png to `--out`, else $BENCH_OUT,
 else benchmarks/results; prints the table last. No caption of a random model means
 anything: speed only.
@@ -343,6 +355,10 @@ class Options:
     tag2text_beams: int | None = None  # None: the settings' 3 (the reference's)
     direct: tuple[str, ...] = ()  # built in memory, not through a checkpoint and build()
     warmup_frames: int = 2
+    repeats: int = 3  # interleaved rounds over all frames; frames/s from the median turn
+    # torch intra-op threads (None: torch's default). On a shared CPU box 1: with 2 threads
+    # every parallel region waits for whichever thread another job has descheduled.
+    threads: int | None = None
     seed: int = 0
 
 
@@ -390,30 +406,48 @@ def make_captioner(name: str, opts: Options, tmp: Path) -> tuple[Captioner, str]
     else:
         raise CaptionerError(f"unknown captioner {name!r}; known: {', '.join(NAMES)}")
     gc.collect()  # the checkpoint's model is gone before build() loads it back
-    reset_peak_memory(opts.device)
     return build_captioner(settings, name, **kwargs), "checkpoint on disk -> module build()"
 
 
 def reset_peak_memory(device: str) -> None:
     if device.startswith("cuda"):
-        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         return
     with contextlib.suppress(OSError):  # Linux: 5 resets the process's peak RSS (VmHWM)
         Path("/proc/self/clear_refs").write_text("5")
 
 
-def peak_memory(device: str) -> tuple[int, str]:
-    """Peak bytes since the last reset, and what was measured."""
-    if device.startswith("cuda"):
-        return torch.cuda.max_memory_allocated(), "torch.cuda.max_memory_allocated"
+def _proc_status_bytes(key: str) -> int | None:
     with contextlib.suppress(OSError):
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024, "process peak RSS (VmHWM)"
+            if line.startswith(key):
+                return int(line.split()[1]) * 1024
+    return None
+
+
+def resident_memory(device: str) -> int:
+    """Bytes held now: allocated by torch on a GPU, the process's RSS on the CPU."""
+    if device.startswith("cuda"):
+        return torch.cuda.memory_allocated()
+    return _proc_status_bytes("VmRSS:") or 0
+
+
+def peak_memory(device: str) -> int:
+    """Peak bytes since the last `reset_peak_memory`, counted as `resident_memory` is."""
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated()
+    peak = _proc_status_bytes("VmHWM:")
+    if peak is not None:
+        return peak
     import resource
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process peak RSS (ever)"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # ever, not since reset
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of parameters and buffers (tied weights counted once)."""
+    tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 def beams(captioner: Captioner) -> int:
@@ -423,85 +457,207 @@ def beams(captioner: Captioner) -> int:
     return captioner.generation.num_beams
 
 
-def bench_one(name: str, frames: np.ndarray, opts: Options, tmp: Path) -> dict[str, Any]:
-    """Build captioner `name`, warm it up, caption `frames` (N, H, W, 3); one result row."""
+def load_average() -> list[float] | None:
+    """The machine's 1, 5 and 15-minute load averages (other jobs' load shows here)."""
+    with contextlib.suppress(OSError, AttributeError):
+        return [round(x, 2) for x in os.getloadavg()]
+    return None
+
+
+# --- interleaved timing --------------------------------------------------------------------
+
+
+@dataclass
+class Contender:
+    """One built captioner and every turn it took (one turn: the same step of frames that
+    every other captioner also captions in that round)."""
+
+    name: str
+    captioner: Captioner
+    how: str
+    build_s: float
+    batch: int  # its batch size: a step of `batch_size` frames is 1+ of its batches
+    weights: int  # bytes
+    frames: list[int] = field(default_factory=list)  # per turn
+    started: list[float] = field(default_factory=list)  # per turn: s since timing began
+    wall_s: list[float] = field(default_factory=list)  # per turn
+    cpu_s: list[float] = field(default_factory=list)  # per turn: this process's CPU time
+    stages: list[dict[str, float]] = field(default_factory=list)  # per turn
+    activation_peak: int = 0  # bytes above what was held when a turn started, max over turns
+
+
+def build_contender(name: str, opts: Options, tmp: Path) -> Contender:
+    """Build captioner `name` through `make_captioner`, once, for every round."""
     gc.collect()
-    reset_peak_memory(opts.device)
     start = time.perf_counter()
     captioner, how = make_captioner(name, opts, tmp)
     build_s = time.perf_counter() - start
-    model = captioner.model  # every captioner class keeps its torch module here
-    params = sum(p.numel() for p in model.parameters())
+    gc.collect()  # the checkpoint-writing model is freed before the next build
     batch = min(opts.batch_size, opts.llava_batch_size) if name == "llava15" else opts.batch_size
-    # Warm-up (allocator, kernels, lazy init), not timed; never more than one batch.
-    captioner.caption_batch(frames[: max(1, min(opts.warmup_frames, batch, len(frames)))])
-    seconds, stages = timed(captioner, frames, batch)
-    peak, peak_kind = peak_memory(opts.device)
-    fps = len(frames) / seconds
+    return Contender(name, captioner, how, build_s, batch, weight_bytes(captioner.model))
+
+
+def take_turn(c: Contender, frames: np.ndarray, device: str, t0: float) -> None:
+    """Caption `frames` (N, H, W, 3) with `c` in its batches; record wall and CPU seconds,
+    stage seconds and the memory it needed above what was already held."""
+    gc.collect()  # not inside the timed span: another captioner's garbage is not ours
+    reset_peak_memory(device)
+    held = resident_memory(device)
+    c.started.append(time.perf_counter() - t0)
+    cpu = time.process_time()
+    seconds, stages = timed(c.captioner, frames, c.batch)
+    c.cpu_s.append(time.process_time() - cpu)
+    c.wall_s.append(seconds)
+    c.frames.append(len(frames))
+    c.stages.append(stages)
+    c.activation_peak = max(c.activation_peak, peak_memory(device) - held)
+
+
+def interleave(contenders: list[Contender], frames: np.ndarray, opts: Options) -> list[dict]:
+    """Round-robin timing: in each of `opts.repeats` rounds, every step of `batch_size`
+    frames is captioned by every captioner back to back, so a burst of other jobs' load
+    lands on all of them alike rather than on whichever ran during it. The starting
+    captioner rotates from step to step, so none always runs right after the same one.
+    Returns one record per round: its seconds and the 1-minute load average at its start."""
+    step = min(opts.batch_size, len(frames))
+    rounds, turn, t0 = [], 0, time.perf_counter()
+    for r in range(opts.repeats):
+        load, start = load_average(), time.perf_counter()
+        for i in range(0, len(frames), step):
+            k = turn % len(contenders)
+            for c in contenders[k:] + contenders[:k]:
+                take_turn(c, frames[i : i + step], opts.device, t0)
+            turn += 1
+        seconds = time.perf_counter() - start
+        rounds.append({"round": r + 1, "seconds": seconds, "load_1min": load and load[0]})
+        done = ", ".join(f"{c.name} {c.wall_s[-1]:.2f}" for c in contenders)
+        print(f"round {r + 1}/{opts.repeats} ({seconds:.0f} s, load {load and load[0]}): "
+              f"last step s: {done}", flush=True)
+    return rounds
+
+
+def median_stages(stages: list[dict[str, float]], frames: list[int]) -> dict[str, float]:
+    """Each stage's median seconds per frame over the turns."""
+    keys = sorted({k for s in stages for k in s})
+    return {k: float(np.median([s.get(k, 0.0) / n for s, n in zip(stages, frames, strict=True)]))
+            for k in keys}
+
+
+def result_row(c: Contender, opts: Options) -> dict[str, Any]:
+    """One captioner's row: frames/s from its median seconds per frame over all turns."""
+    per_frame = np.array(c.wall_s) / np.array(c.frames)
+    median, best = float(np.median(per_frame)), float(per_frame.min())
+    fps = 1 / median
+    step = max(c.frames)
     row = {
-        "captioner": name,
-        "frames": len(frames),
-        "batch_size": batch,
-        "num_beams": beams(captioner),
-        "seconds": seconds,
+        "captioner": c.name,
+        "frames": step,  # one step; every turn of every round captions a step
+        "turns": len(c.wall_s),
+        "batch_size": c.batch,
+        "num_beams": beams(c.captioner),
+        "step_s": c.wall_s,  # wall seconds per turn, in order
+        "turn_started_s": c.started,  # seconds after timing began
+        "median_step_s": median * step,
+        "min_step_s": best * step,
+        "spread": float(per_frame.max() / best),  # slowest turn / fastest: the noise seen
         "frames_per_s": fps,
+        "frames_per_s_best": 1 / best,
         "s_per_video": EGOSCHEMA_FRAMES_PER_VIDEO / fps,
         "egoschema500_s": EGOSCHEMA_SUBSET_VIDEOS * EGOSCHEMA_FRAMES_PER_VIDEO / fps,
-        "params_benchmarked": params,
-        "params_real": parameter_counts(settings_for(opts), name)["total"],
-        "peak_memory_bytes": peak,
-        "peak_memory_kind": peak_kind,
-        "build_s": build_s,
-        "build_path": how,
-        "stages_s": stages,
-        "paper_s": PAPER_SECONDS[name],
+        "params_benchmarked": sum(p.numel() for p in c.captioner.model.parameters()),
+        "params_real": parameter_counts(settings_for(opts), c.name)["total"],
+        "weights_bytes": c.weights,
+        "activation_peak_bytes": c.activation_peak,
+        "peak_memory_bytes": c.weights + c.activation_peak,
+        "build_s": c.build_s,
+        "build_path": c.how,
+        "stages_s_per_frame": median_stages(c.stages, c.frames),
+        "paper_s": PAPER_SECONDS[c.name],
     }
-    del captioner, model
-    gc.collect()
+    if not opts.device.startswith("cuda"):  # on a GPU the CPU mostly waits: not a cost
+        cpu_per_frame = np.array(c.cpu_s) / np.array(c.frames)
+        row["cpu_step_s"] = c.cpu_s
+        row["median_cpu_step_s"] = float(np.median(cpu_per_frame)) * step
     return row
+
+
+def ratios(rows: dict[str, dict[str, Any]], key: str) -> dict[str, float | None]:
+    """Each captioner's `key` (seconds per step, same step for all) / the simple model's."""
+    simple = rows.get("simple")
+    return {n: r[key] / simple[key] if simple and key in r else None for n, r in rows.items()}
+
+
+MEMORY_KIND = {
+    "cuda": "weights + peak torch.cuda allocation above what was held at each turn's start",
+    "cpu": "weights + peak RSS growth in a turn (VmHWM - VmRSS; memory reused from freed "
+           "blocks is not seen)",
+}
 
 
 # --- the run -------------------------------------------------------------------------------
 
 
 def run(opts: Options, out_dir: Path) -> dict[str, Any]:
-    """Time every captioner in `opts.captioners` on the same frames; write JSON, CSV, PNG."""
+    """Build every captioner in `opts.captioners` once, warm each up on one batch, then time
+    them interleaved on the same frames for `opts.repeats` rounds; write JSON, CSV, PNG."""
     unknown = [n for n in opts.captioners if n not in NAMES]
     if unknown:
         raise CaptionerError(f"unknown captioners {unknown}; known: {', '.join(NAMES)}")
+    if opts.threads is not None:
+        torch.set_num_threads(opts.threads)
+    if opts.repeats < 1:
+        raise CaptionerError(f"--repeats must be >= 1, got {opts.repeats}")
+    sizes = size_summary(opts.preset)  # before the long part: a broken import fails fast
     torch.manual_seed(opts.seed)
     rng = np.random.default_rng(opts.seed)
     frames = rng.integers(0, 256, (opts.frames, *opts.frame_size, 3), dtype=np.uint8)
-    rows: dict[str, dict[str, Any]] = {}
+    load = {"at_start": load_average()}
     with tempfile.TemporaryDirectory(prefix="bench-captioners-") as tmp:
+        contenders = []
         for name in opts.captioners:
-            rows[name] = bench_one(name, frames, opts, Path(tmp))
-            print(f"{name}: {rows[name]['frames_per_s']:.3f} frames/s "
-                  f"(built in {rows[name]['build_s']:.1f} s)", flush=True)
+            contenders.append(build_contender(name, opts, Path(tmp)))
+            print(f"{name}: built in {contenders[-1].build_s:.1f} s", flush=True)
+    for c in contenders:
+        # Warm-up (allocator, kernels, lazy init), not timed; never more than one batch.
+        c.captioner.caption_batch(frames[: max(1, min(opts.warmup_frames, c.batch, len(frames)))])
+    load["before_timing"] = load_average()
+    rounds = interleave(contenders, frames, opts)
+    load["after_timing"] = load_average()
+    rows = {c.name: result_row(c, opts) for c in contenders}
+    del contenders
+    gc.collect()
+
     paper_ratios = {n: PAPER_SECONDS[n] / PAPER_SECONDS["simple"] for n in NAMES}
-    ratios: dict[str, float | None] = {}
+    medians = ratios(rows, "median_step_s")
     for name, row in rows.items():
-        simple = rows.get("simple")
-        ratio = simple["frames_per_s"] / row["frames_per_s"] if simple else None
-        ratios[name] = row["ratio_to_simple"] = ratio
+        row["ratio_to_simple"] = medians[name]
         row["paper_ratio_to_simple"] = paper_ratios[name]
         row["goal_s"] = PAPER_SECONDS[name] / GOAL_SPEEDUP
     real_gpu = opts.device.startswith("cuda") and opts.preset.name == "real"
     goals = None
     if real_gpu:
         goals = {n: r["egoschema500_s"] <= r["goal_s"] for n, r in rows.items()}
-        if ratios.get("mmser") is not None:
-            goals["mmser_over_simple"] = ratios["mmser"] <= GOAL_MMSER_RATIO
+        if medians.get("mmser") is not None:
+            goals["mmser_over_simple"] = medians["mmser"] <= GOAL_MMSER_RATIO
     result = {
         "machine": {**machine(torch.device(opts.device)),
                     "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None},
         "options": {**asdict(opts), "preset": opts.preset.name},
-        "sizes": size_summary(opts.preset),
+        "sizes": sizes,
         "captioners": rows,
-        "ratios_to_simple": ratios,
+        # Medians of the same interleaved rounds: the headline figures.
+        "ratios_to_simple": medians,
+        # Cross-checks: the fastest turns' ratio, and (CPU) this process's CPU time's ratio.
+        "ratios_to_simple_min": ratios(rows, "min_step_s"),
+        "ratios_to_simple_cpu_time": ratios(rows, "median_cpu_step_s")
+        if not opts.device.startswith("cuda") else None,
         "paper_ratios_to_simple": paper_ratios,
         "paper_seconds": PAPER_SECONDS,
         "goals_met": goals,  # only for real sizes on a GPU: the issue's goals
+        "load_average": load,  # 1, 5, 15 minutes
+        "rounds": rounds,
+        "timing": "interleaved round-robin; per captioner the median over all turns",
+        "peak_memory_kind": MEMORY_KIND["cuda" if opts.device.startswith("cuda") else "cpu"],
         "note": "random weights, speed only; fixed caption length; "
                 + ("real sizes" if opts.preset.name == "real" else
                    f"preset {opts.preset.name}: absolute times are not the product's"),
@@ -510,7 +666,8 @@ def run(opts: Options, out_dir: Path) -> dict[str, Any]:
     return result
 
 
-CSV_COLUMNS = ("captioner", "frames", "batch_size", "num_beams", "frames_per_s", "s_per_video",
+CSV_COLUMNS = ("captioner", "frames", "turns", "batch_size", "num_beams", "median_step_s",
+               "min_step_s", "spread", "frames_per_s", "frames_per_s_best", "s_per_video",
                "egoschema500_s", "params_benchmarked", "params_real", "peak_memory_bytes",
                "ratio_to_simple", "paper_ratio_to_simple", "paper_s", "goal_s", "build_path")
 
@@ -562,11 +719,15 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
 
 def table(result: dict[str, Any]) -> str:
-    """The results as a plain-text table, machine and sizes first."""
+    """The results as a plain-text table, machine, sizes and timing method first."""
     m, o, s = result["machine"], result["options"], result["sizes"]
+    rows, load = result["captioners"], result["load_average"]
+    turns = {r["turns"] for r in rows.values()}
+    cpu_ratios = result["ratios_to_simple_cpu_time"]
     lines = [
-        f"{m['cpu']} ({m['cores']} cores), GPU {m.get('gpu') or 'none'}, device {m['device']}, "
-        f"torch {m['torch']}, transformers {m['transformers']}",
+        f"{m['cpu']} ({m['cores']} cores, {m['torch_threads']} torch threads), GPU "
+        f"{m.get('gpu') or 'none'}, device {m['device']}, torch {m['torch']}, "
+        f"transformers {m['transformers']}",
         f"{o['dtype']}, preset {o['preset']} (depth / {s['depth_div']}), {o['frames']} frames "
         f"{o['frame_size'][0]}x{o['frame_size'][1]}, {o['new_tokens']} new tokens "
         f"(min = max), batch {o['batch_size']} "
@@ -575,31 +736,50 @@ def table(result: dict[str, Any]) -> str:
         f"{s['ser_connector']['layers']}, Llama {s['llama']['layers']}, Swin "
         f"{s['tag2text']['swin_depths']}, BERT {s['tag2text']['bert_layers']}, tag head "
         f"{s['tag2text']['tag_head_layers']}",
+        f"timing: {o['repeats']} interleaved rounds, {'/'.join(map(str, sorted(turns)))} turns "
+        f"per captioner, median turn; load average (1/5/15 min) {fmt_load(load['at_start'])} "
+        f"at start, {fmt_load(load['before_timing'])} before timing, "
+        f"{fmt_load(load['after_timing'])} after",
         "",
-        f"{'captioner':<9} {'params':>8} {'real':>7} {'beams':>5} {'frames/s':>9} "
-        f"{'s/video':>8} {'ES-500':>9} {'peak GB':>8} {'ratio':>6} {'paper':>6} "
-        f"{'paper t':>8}" + (f" {'goal':>8}" if result["goals_met"] else ""),
+        f"{'captioner':<9} {'params':>8} {'real':>7} {'beams':>5} {'med s':>7} {'min s':>7} "
+        f"{'spread':>6} {'frames/s':>9} {'s/video':>8} {'ES-500':>9} {'peak GB':>8} "
+        f"{'ratio':>6} {'r min':>6}" + (f" {'r cpu':>6}" if cpu_ratios else "")
+        + f" {'paper':>6} {'paper t':>8}" + (f" {'goal':>8}" if result["goals_met"] else ""),
     ]
-    for name, r in result["captioners"].items():
-        ratio = r["ratio_to_simple"]
+    for name, r in rows.items():
         line = (
             f"{name:<9} {r['params_benchmarked'] / 1e6:>7.1f}M {r['params_real'] / 1e9:>6.2f}B "
-            f"{r['num_beams']:>5} {r['frames_per_s']:>9.3f} {r['s_per_video']:>8.1f} "
+            f"{r['num_beams']:>5} {r['median_step_s']:>7.2f} {r['min_step_s']:>7.2f} "
+            f"{r['spread']:>6.2f} {r['frames_per_s']:>9.3f} {r['s_per_video']:>8.1f} "
             f"{minutes(r['egoschema500_s']):>9} {r['peak_memory_bytes'] / 2**30:>8.2f} "
-            f"{'-' if ratio is None else f'{ratio:.3f}':>6} {r['paper_ratio_to_simple']:>6.3f} "
-            f"{minutes(r['paper_s']):>8}"
+            f"{fmt_ratio(r['ratio_to_simple']):>6} "
+            f"{fmt_ratio(result['ratios_to_simple_min'][name]):>6}"
         )
+        if cpu_ratios:
+            line += f" {fmt_ratio(cpu_ratios[name]):>6}"
+        line += f" {r['paper_ratio_to_simple']:>6.3f} {minutes(r['paper_s']):>8}"
         if result["goals_met"]:
             ok = result["goals_met"][name]
             line += f" {minutes(r['goal_s']):>7}{'+' if ok else '-'}"
         lines.append(line)
+    lines.append("med s / min s: median / fastest wall seconds of one turn (the same frames "
+                 "for all); spread: slowest turn / fastest; frames/s from the median")
     lines.append("ES-500: projected captioning time for EgoSchema's 500-video subset at 1 fps "
-                 "(90000 frames); ratio: time / the simple model's; paper: 29m20s, 7m14s, "
-                 "4m53s, 5m10s")
+                 "(90000 frames); ratio: median time / the simple model's (r min: fastest "
+                 "turns'" + ("; r cpu: this process's CPU seconds'" if cpu_ratios else "")
+                 + "); paper: 29m20s, 7m14s, 4m53s, 5m10s")
     if result["goals_met"]:
         lines.append(f"goal (paper / {GOAL_SPEEDUP}; + met, - missed); MM-SeR / simple <= "
                      f"{GOAL_MMSER_RATIO}: {result['goals_met'].get('mmser_over_simple')}")
     return "\n".join(lines)
+
+
+def fmt_ratio(ratio: float | None) -> str:
+    return "-" if ratio is None else f"{ratio:.3f}"
+
+
+def fmt_load(load: list[float] | None) -> str:
+    return "?" if load is None else "/".join(f"{x:.2f}" for x in load)
 
 
 def minutes(seconds: float) -> str:
@@ -633,6 +813,11 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Options, Path]:
                              "real size on cuda)")
     parser.add_argument("--warmup-frames", type=int, default=None,
                         help="frames captioned before timing (default: 2 cpu, 16 cuda)")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="interleaved rounds over all frames; frames/s from the median turn")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default: 1 on cpu, which keeps other jobs' load "
+                             "from stalling every parallel region; torch's default on cuda)")
     parser.add_argument("--out", type=Path, default=None,
                         help="folder for the files (default: $BENCH_OUT or benchmarks/results)")
     args = parser.parse_args(argv)
@@ -656,6 +841,8 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Options, Path]:
         tag2text_beams=args.tag2text_beams,
         direct=tuple(direct),
         warmup_frames=args.warmup_frames or (16 if cuda else 2),
+        repeats=args.repeats,
+        threads=args.threads if args.threads is not None else (None if cuda else 1),
     )
     out = args.out or Path(os.environ.get("BENCH_OUT") or RESULTS)
     return opts, out
