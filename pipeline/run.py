@@ -29,7 +29,12 @@ from tqdm import tqdm
 
 from captioner.base import captioner_identity
 from pipeline.cache import CacheRecord, CaptionCache, cache_key, sampling_identity
-from pipeline.caption_stage import CaptionedVideo, CaptionFailure, caption_videos
+from pipeline.caption_stage import (
+    CaptionActorPool,
+    CaptionedVideo,
+    CaptionFailure,
+    caption_videos,
+)
 from pipeline.config import Config, RaySettings
 from pipeline.datasets import Dataset, load_dataset
 from pipeline.errors import PipelineError
@@ -96,9 +101,11 @@ def caption_videos_cached(
     config: Config,
     captioner_name: str | None = None,
     on_failure: Callable[[Failure], None] | None = None,
+    pool: CaptionActorPool | None = None,
 ) -> CaptionOutcome:
     """Transcripts for `videos`: from the cache where present, else decoded and captioned
-    (and cached). One bad video is a `Failure`, never an exception."""
+    (and cached). One bad video is a `Failure`, never an exception. `pool`: caption actors
+    already running (benchmarks reuse one); by default they are started for this call."""
     from pipeline.decode import DecodeFailure
 
     name = captioner_name or config.captioner.name
@@ -140,7 +147,8 @@ def caption_videos_cached(
 
             init_ray(config.ray)
         bar = tqdm(total=len(misses), desc=f"caption ({name})", unit="video")
-        for item in caption_videos(_decode_stream(misses, config), settings, config.ray):
+        stream = _decode_stream(misses, config)
+        for item in caption_videos(stream, settings, config.ray, pool=pool):
             bar.update(1)
             if isinstance(item, DecodeFailure):
                 fail(Failure(item.video_id, str(item.path), "decode", item.reason))
