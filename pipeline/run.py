@@ -240,6 +240,7 @@ def run_videoqa(
     from qa.reader import answer_questions
 
     captioner_name = captioner_name or config.captioner.name
+    captioner_identity(config.captioner, captioner_name)  # unknown names fail before any output
     dataset: Dataset = load_dataset(dataset_name, config.datasets)
     folder, resumed = choose_run_dir(config, dataset_name, captioner_name, run_dir, new)
     folder.mkdir(parents=True, exist_ok=True)
