@@ -15,6 +15,7 @@ Every command takes `--config FILE` and any number of `--set key.sub=value` over
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import time
@@ -103,6 +104,28 @@ def demo_overrides(models_dir: Path) -> list[str]:
     ]
 
 
+def _show_one_question(config: Config, folder: Path) -> None:
+    """Print one question the way it flowed: captions (from the cache) -> answer."""
+    from pipeline.cache import CaptionCache
+    from qa.transcript import caption_line
+
+    lines = (folder / "predictions.jsonl").read_text().splitlines()
+    if not lines:
+        return
+    answer = json.loads(lines[0])
+    cache = CaptionCache(config.cache.dir, fingerprint_mode=config.cache.fingerprint)
+    record = next((r for r in cache.iter_records() if r.video_id == answer["video_id"]), None)
+    print(f"\none question, end to end ({answer['q_uid']}):")
+    if record:
+        for caption in record.captions[:3]:
+            print(f"  caption  {caption_line(caption)[:90]}")
+        print(f"  ... {len(record.captions)} captions in all")
+    probs = answer.get("option_probs") or []
+    print(f"  answer   {answer['letter']} (option probabilities "
+          f"{', '.join(f'{p:.2f}' for p in probs)}; correct: "
+          f"{'ABCDE'[answer['answer']] if answer['answer'] is not None else 'unknown'})")
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """Generate the demo dataset and tiny models once, then run videoqa on them."""
     from captioner.tiny import build_tiny_checkpoint
@@ -129,6 +152,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     )
     config = load_config(args.config, overrides + list(args.overrides))
     folder = run_videoqa(config, "demo", "mmser", new=False)
+    _show_one_question(config, folder)
     print(f"demo finished in {time.perf_counter() - t0:.1f} s; outputs in {folder}")
     print("(random-weights models: the accuracy above is chance level, not a quality figure)")
     return 0
