@@ -129,6 +129,14 @@ def registered_captioners() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def check_captioner_name(name: str) -> None:
+    """Raise CaptionerError listing the known captioners when `name` is not one of them."""
+    if name not in _REGISTRY:
+        raise CaptionerError(
+            f"unknown captioner {name!r}; known captioners: {', '.join(registered_captioners())}"
+        )
+
+
 def register_captioner(name: str, module: str) -> None:
     """Register `name` -> module path; a duplicate name is refused."""
     if name in _REGISTRY:
@@ -138,10 +146,7 @@ def register_captioner(name: str, module: str) -> None:
 
 def captioner_module(name: str) -> Any:
     """The module implementing captioner `name`; unknown names raise listing known ones."""
-    if name not in _REGISTRY:
-        raise CaptionerError(
-            f"unknown captioner {name!r}; known captioners: {', '.join(registered_captioners())}"
-        )
+    check_captioner_name(name)
     return importlib.import_module(_REGISTRY[name])
 
 
@@ -217,10 +222,7 @@ def captioner_identity(settings: CaptionerSettings, name: str | None = None) -> 
     fingerprints, the generation settings and dtype. The caption cache keys on this (batch
     size and device do not change captions)."""
     name = name or settings.name
-    if name not in _REGISTRY:
-        raise CaptionerError(
-            f"unknown captioner {name!r}; known captioners: {', '.join(registered_captioners())}"
-        )
+    check_captioner_name(name)
     section = getattr(settings, name)
     own = dataclasses.asdict(section)
     for key, reference in section.model_files().items():

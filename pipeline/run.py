@@ -28,7 +28,7 @@ import numpy as np
 import yaml
 from tqdm import tqdm
 
-from captioner.base import captioner_identity
+from captioner.base import captioner_identity, check_captioner_name
 from pipeline.cache import CacheRecord, CaptionCache, cache_key, sampling_identity
 from pipeline.caption_stage import (
     CaptionActorPool,
@@ -240,7 +240,7 @@ def run_videoqa(
     from qa.reader import answer_questions
 
     captioner_name = captioner_name or config.captioner.name
-    captioner_identity(config.captioner, captioner_name)  # unknown names fail before any output
+    check_captioner_name(captioner_name)  # before any output is written
     dataset: Dataset = load_dataset(dataset_name, config.datasets)
     folder, resumed = choose_run_dir(config, dataset_name, captioner_name, run_dir, new)
     folder.mkdir(parents=True, exist_ok=True)
