@@ -47,7 +47,7 @@ import platform
 import re
 import tempfile
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from functools import lru_cache
@@ -398,6 +398,28 @@ def _identity_matches(identity: Mapping[str, Any], wanted: Mapping[str, Any]) ->
     return all(k in identity and identity[k] == v for k, v in wanted.items())
 
 
+def _atomic_write(final: Path, write: Callable[[str], None]) -> None:
+    """`write(tmp_name)` fills a temp file beside `final`, which then replaces `final`.
+
+    Same folder as the final name: os.replace is only atomic within one file system. The
+    temp name is dot-prefixed with `_TEMP_SUFFIX`, invisible to readers and removed by gc.
+    """
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{final.stem}.", suffix=_TEMP_SUFFIX,
+                                    dir=final.parent)
+    os.close(fd)
+    try:
+        write(tmp_name)
+        os.chmod(tmp_name, 0o644)  # mkstemp makes 0600; other users may share the cache
+        os.replace(tmp_name, final)
+    except BaseException:
+        # Includes KeyboardInterrupt: never leave our own temp file behind when we can.
+        try:
+            os.unlink(tmp_name)
+        except FileNotFoundError:
+            pass
+        raise
+
+
 def _fsync_dir(folder: Path) -> None:
     # Makes the rename itself durable across a power cut (a kill is covered without it).
     fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
@@ -501,24 +523,14 @@ class CaptionCache:
         final = self.record_path(record.key)
         final.parent.mkdir(parents=True, exist_ok=True)
         payload = json.dumps(record.to_dict(), ensure_ascii=False, indent=1).encode("utf-8")
-        # Same folder as the final name: os.replace is only atomic within one file system.
-        fd, tmp_name = tempfile.mkstemp(
-            prefix=f".{record.key}.", suffix=_TEMP_SUFFIX, dir=final.parent
-        )
-        try:
-            with os.fdopen(fd, "wb") as fh:
+
+        def write(tmp_name: str) -> None:
+            with open(tmp_name, "wb") as fh:
                 fh.write(payload)
                 fh.flush()
                 os.fsync(fh.fileno())
-            os.chmod(tmp_name, 0o644)  # mkstemp makes 0600; other users may share the cache
-            os.replace(tmp_name, final)
-        except BaseException:
-            # Includes KeyboardInterrupt: never leave our own temp file behind when we can.
-            try:
-                os.unlink(tmp_name)
-            except FileNotFoundError:
-                pass
-            raise
+
+        _atomic_write(final, write)
         _fsync_dir(final.parent)
         return final
 
@@ -602,18 +614,7 @@ class CaptionCache:
         table = pa.Table.from_pylist(rows, schema=schema)
         out = Path(path)
         out.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=_TEMP_SUFFIX, dir=out.parent)
-        os.close(fd)
-        try:
-            pq.write_table(table, tmp_name)
-            os.chmod(tmp_name, 0o644)
-            os.replace(tmp_name, out)
-        except BaseException:
-            try:
-                os.unlink(tmp_name)
-            except FileNotFoundError:
-                pass
-            raise
+        _atomic_write(out, lambda tmp_name: pq.write_table(table, tmp_name))
         return table.num_rows
 
     # --- garbage collection ---
