@@ -106,7 +106,8 @@ def demo_overrides(models_dir: Path) -> list[str]:
 
 def _show_one_question(config: Config, folder: Path) -> None:
     """Print one question the way it flowed: captions (from the cache) -> answer."""
-    from pipeline.cache import CaptionCache
+    from captioner.base import captioner_identity
+    from pipeline.cache import CaptionCache, sampling_identity
     from qa.transcript import caption_line
 
     lines = (folder / "predictions.jsonl").read_text().splitlines()
@@ -114,7 +115,10 @@ def _show_one_question(config: Config, folder: Path) -> None:
         return
     answer = json.loads(lines[0])
     cache = CaptionCache(config.cache.dir, fingerprint_mode=config.cache.fingerprint)
-    record = next((r for r in cache.iter_records() if r.video_id == answer["video_id"]), None)
+    video = Path(config.datasets["demo"].root) / "videos" / f"{answer['video_id']}.mp4"
+    # The record by its key, as the run found it (no scan of a possibly large cache).
+    record = cache.get(cache.key_for(video, sampling_identity(config.sampling),
+                                     captioner_identity(config.captioner)))
     print(f"\none question, end to end ({answer['q_uid']}):")
     if record:
         for caption in record.captions[:3]:
