@@ -368,6 +368,10 @@ def settings_for(opts: Options) -> CaptionerSettings:
     settings.generation.max_new_tokens = opts.new_tokens
     settings.generation.min_new_tokens = opts.new_tokens  # random weights cannot stop early
     settings.mmser.refine_steps = 1  # the paper's setting
+    # A random model's refinement repeats its coarse caption, so a verified draft would
+    # make MM-SeR look nearly free; time every refined token instead (bench-captioner has
+    # the drafted figures and what they cost at a given agreement).
+    settings.mmser.draft_tokens = 0
     if opts.tag2text_beams is not None:
         settings.tag2text.num_beams = opts.tag2text_beams
     return settings

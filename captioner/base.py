@@ -41,6 +41,8 @@ class CaptionBatch:
 
     results: list[CaptionResult]
     timings: dict[str, float] = field(default_factory=dict)
+    # Event counts of the batch, e.g. MM-SeR's draft tokens proposed and kept.
+    counters: dict[str, int] = field(default_factory=dict)
 
 
 class Captioner(ABC):
@@ -220,11 +222,13 @@ def captioner_identity(settings: CaptionerSettings, name: str | None = None) -> 
     """Everything that changes captioner `name`'s output, without loading it: its name, its
     settings section with model files (its `model_files()`) replaced by content
     fingerprints, the generation settings and dtype. The caption cache keys on this (batch
-    size and device do not change captions)."""
+    size, device and a section's `speed_only` fields do not change captions)."""
     name = name or settings.name
     check_captioner_name(name)
     section = getattr(settings, name)
     own = dataclasses.asdict(section)
+    for key in getattr(section, "speed_only", ()):  # how fast, not what is written
+        own.pop(key, None)
     for key, reference in section.model_files().items():
         own[key] = checkpoint_fingerprint(reference)
     return {

@@ -106,6 +106,10 @@ class MMSeRCaptioner(Captioner):
             raise CaptionerError(
                 f"captioner.mmser.refine_steps must be >= 0, got {mm.refine_steps}"
             )
+        if mm.draft_tokens < 0:
+            raise CaptionerError(
+                f"captioner.mmser.draft_tokens must be >= 0, got {mm.draft_tokens}"
+            )
         if self.refine_steps and model.ser_connector is None:
             raise CaptionerError(
                 f"captioner {name!r}: refine_steps={self.refine_steps} needs a checkpoint with a "
@@ -157,12 +161,24 @@ class MMSeRCaptioner(Captioner):
         lap("vision")
         input_ids = self.prompt_ids[None].expand(B, -1)  # one prompt: no padding needed
         mask = torch.ones_like(input_ids)
+        # Greedy decoding writes into a preallocated (static) KV cache sized for every pass.
+        greedy = self.generation.num_beams == 1
+        T, n_instr = self.generation.max_new_tokens, len(self.instruction_ids)
+        reuse = self.settings.mmser.reuse_cache
+        # A verified draft (last refinement pass) may spend up to T more slots on rejections.
+        slack = T if self.refine_steps and self.settings.mmser.draft_tokens else 0
+
+        def room(passes: int) -> int | None:
+            return self.model.cache_room(T, passes, n_instr, slack) if greedy else None
+
         state = self.model.caption_pass(
-            input_ids, mask, features, self.generation, keep_state=self.refine_steps > 0
+            input_ids, mask, features, self.generation, keep_state=self.refine_steps > 0,
+            cache_room=room(self.refine_steps if reuse else 0),
         )
         coarse = self.tokenizer.batch_decode(state.tokens, skip_special_tokens=True)
         lap("coarse")
         captions, passes = list(coarse), [0] * B
+        counters: dict[str, int] = {}
         keep = None
         if self.confidence_threshold is not None and self.refine_steps:
             keep = state.confidence < self.confidence_threshold
@@ -175,8 +191,12 @@ class MMSeRCaptioner(Captioner):
             state = self.model.refine_pass(
                 state, features, self.instruction_ids, self.generation,
                 keep_state=step + 1 < self.refine_steps,
-                reuse_cache=self.settings.mmser.reuse_cache,
+                reuse_cache=reuse,
+                cache_room=room(0),
+                max_draft=self.settings.mmser.draft_tokens,
             )
+            for key, value in (state.draft_stats or {}).items():
+                counters[f"draft_{key}"] = counters.get(f"draft_{key}", 0) + value
             texts = self.tokenizer.batch_decode(state.tokens, skip_special_tokens=True)
             rows = state.rows.tolist()
             # Adaptive stop: a frame whose caption this pass left unchanged is done.
@@ -195,7 +215,7 @@ class MMSeRCaptioner(Captioner):
             )
             for i in range(B)
         ]
-        return CaptionBatch(results=results, timings=timings)
+        return CaptionBatch(results=results, timings=timings, counters=counters)
 
 
 def _settings_for(settings: CaptionerSettings, name: str) -> Any:

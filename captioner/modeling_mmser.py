@@ -32,14 +32,17 @@ from torch import nn
 from transformers import (
     AutoConfig,
     AutoModelForImageTextToText,
+    Cache,
     DynamicCache,
     GenerationConfig,
     LlavaForConditionalGeneration,
     LogitsProcessor,
+    StaticCache,
 )
 from transformers import initialization as hf_init
 
 from captioner.configuration_mmser import MMSeRConfig
+from captioner.draft_decoding import draft_greedy, draft_lengths
 from pipeline.errors import CaptionerError
 
 # --- outputs and pass state ---------------------------------------------------------------
@@ -72,11 +75,12 @@ class PassState:
     confidence: torch.Tensor  # (b,) mean probability of the chosen caption tokens
     cond: torch.Tensor | None  # (b, T, D) final hidden state of the position producing each token
     saliency: torch.Tensor | None  # (b, N) sums to 1 over the image tokens
+    draft_stats: dict[str, int] | None = None  # how a verified draft fared (draft_decoding)
 
     def select(self, keep: torch.Tensor) -> PassState:
         """Keep only rows `keep` (b',) for the next pass (adaptive stopping)."""
         if self.cache is not None:
-            self.cache.batch_select_indices(keep)
+            select_cache_rows(self.cache, keep)
         pick = lambda t: None if t is None else t[keep]  # noqa: E731
         return replace(
             self,
@@ -90,6 +94,33 @@ class PassState:
             cond=pick(self.cond),
             saliency=pick(self.saliency),
         )
+
+
+def new_cache(config, max_len: int | None) -> Cache:
+    """A KV cache for one batch: static (preallocated for `max_len` positions) when the
+    length is known, else dynamic. Growing a DynamicCache copies every layer's keys and
+    values at each decode step; at batch 32 on CPU that made a decode step ~2.3x slower."""
+    if max_len is None:
+        return DynamicCache(config=config)
+    return StaticCache(config=config, max_cache_len=max_len)
+
+
+def cached_length(cache: Cache) -> int:
+    """Positions written to `cache` (a StaticCache's tensors are longer than that)."""
+    return int(cache.get_seq_length())
+
+
+def select_cache_rows(cache: Cache, keep: torch.Tensor) -> None:
+    """Keep rows `keep` of every layer, in place (StaticCache layers have no
+    batch_select_indices of their own)."""
+    if isinstance(cache, DynamicCache):
+        cache.batch_select_indices(keep)
+        return
+    for layer in cache.layers:
+        if getattr(layer, "is_initialized", False):
+            layer.keys = layer.keys.index_select(0, keep)
+            layer.values = layer.values.index_select(0, keep)
+            layer.batch_size = int(keep.numel())
 
 
 # --- recorders (hooks and a logits processor) ---------------------------------------------
@@ -323,14 +354,14 @@ class MMSeRForConditionalGeneration(LlavaForConditionalGeneration):
         B, T, D = queries[0].shape
         N = image_pos.shape[1]
         scale = (D // H) ** -0.5
-        Pc = cache.layers[self.config.saliency_layers[0]].keys.shape[2]
+        Pc = cached_length(cache)
         key_pos = torch.arange(Pc, device=mask.device)
         query_pos = query_start + torch.arange(T, device=mask.device)
         allowed = mask[:, None, None, :Pc].bool() & (key_pos[None, :] <= query_pos[:, None])
         gather_idx = image_pos[:, None, None, :].expand(B, H, T, N)
         saliency = torch.zeros(B, T, N, device=mask.device)
         for layer, q in zip(self.config.saliency_layers, queries, strict=True):
-            keys = cache.layers[layer].keys.float()  # (B, H, Pc, D/H)
+            keys = cache.layers[layer].keys[:, :, :Pc].float()  # (B, H, Pc, D/H)
             q = q.float().view(B, T, H, D // H).transpose(1, 2) * scale  # (B, H, T, D/H)
             scores = (q @ keys.transpose(-1, -2)).masked_fill(~allowed, float("-inf"))
             probs = scores.softmax(-1)  # (B, H, T, Pc)
@@ -361,9 +392,15 @@ class MMSeRForConditionalGeneration(LlavaForConditionalGeneration):
         rows: torch.Tensor,
         generation: GenerationConfig,
         keep_state: bool,
+        cache_len: int | None = None,
+        draft: torch.Tensor | None = None,
+        max_draft: int = 0,
     ) -> PassState:
         """Generate one caption per row continuing `embeds` (B, P, D) and, when
-        `keep_state`, everything the next refinement pass needs."""
+        `keep_state`, everything the next refinement pass needs. A new cache is static
+        with `cache_len` positions (None: dynamic). With a `draft` (B, Td) caption and
+        `max_draft` > 0, greedy decoding verifies up to that many draft tokens per LM call
+        (draft_decoding.py) when nothing needs recording for a later pass."""
         P = embeds.shape[1]
         greedy = generation.num_beams == 1
         generation = copy.deepcopy(generation)
@@ -371,8 +408,20 @@ class MMSeRForConditionalGeneration(LlavaForConditionalGeneration):
         generation.output_scores = not greedy  # beams: sequences_scores for the confidence
         record = keep_state and self.ser_connector is not None
         confidence = _ConfidenceRecorder()
-        if greedy:
-            cache = cache if cache is not None else DynamicCache(config=self.config.text_config)
+        draft_stats = None
+        if greedy and draft is not None and max_draft > 0 and not record and draft.shape[1]:
+            cache = cache if cache is not None else new_cache(self.config.text_config, cache_len)
+            tokens, probs, stats = draft_greedy(
+                self, embeds, mask, cache, draft, draft_lengths(draft, generation.eos_token_id),
+                max_new_tokens=generation.max_new_tokens,
+                min_new_tokens=generation.min_new_tokens or 0,
+                eos_token_id=generation.eos_token_id,
+                pad_token_id=generation.pad_token_id,
+                max_draft=max_draft,
+            )
+            draft_stats = stats.as_dict()
+        elif greedy:
+            cache = cache if cache is not None else new_cache(self.config.text_config, cache_len)
             recorder = _TailRecorder(self._recorded_modules() if record else [], slice(-1, None))
             with recorder:
                 out = self.generate(
@@ -399,9 +448,11 @@ class MMSeRForConditionalGeneration(LlavaForConditionalGeneration):
         embeds = torch.cat([embeds, self.get_input_embeddings()(tokens)], dim=1)
         mask = torch.cat([mask, token_mask.to(mask.dtype)], dim=1)
         state = PassState(
-            rows=rows, embeds=embeds, mask=mask, cache=cache if greedy else None,
+            rows=rows, embeds=embeds, mask=mask,
+            # A verified draft leaves masked holes in the cache that `mask` does not describe.
+            cache=cache if greedy and draft_stats is None else None,
             image_pos=image_pos, tokens=tokens, token_mask=token_mask,
-            confidence=confidence_mean, cond=None, saliency=None,
+            confidence=confidence_mean, cond=None, saliency=None, draft_stats=draft_stats,
         )
         if not record:
             return state
@@ -428,14 +479,27 @@ class MMSeRForConditionalGeneration(LlavaForConditionalGeneration):
         features: VisionFeatures,
         generation: GenerationConfig,
         keep_state: bool,
+        cache_room: int | None = None,
     ) -> PassState:
         """The coarse (or only) caption: input_ids/attention_mask (B, S), left-padded, with
-        image placeholders -> PassState with tokens (B, T)."""
+        image placeholders -> PassState with tokens (B, T). `cache_room`: positions after
+        the prompt that this and later passes will write (see `cache_room`); None keeps a
+        dynamic cache."""
         embeds, image_pos = self.embed_prompt(input_ids, features)
         rows = torch.arange(input_ids.shape[0], device=input_ids.device)
+        cache_len = None if cache_room is None else embeds.shape[1] + cache_room
         return self._run_pass(
-            embeds, attention_mask, None, image_pos, rows, generation, keep_state
+            embeds, attention_mask, None, image_pos, rows, generation, keep_state, cache_len
         )
+
+    def cache_room(
+        self, max_new_tokens: int, refine_passes: int, instruction_len: int, draft_slack: int = 0
+    ) -> int:
+        """Cache slots one caption pass plus `refine_passes` refinement passes append to the
+        sequence: T, then K + I + T per refinement pass, plus `draft_slack` slots that a
+        verified draft may spend on rejected tokens (more slack, longer drafts late on)."""
+        per_refine = self.config.num_refine_tokens + instruction_len + max_new_tokens
+        return max_new_tokens + refine_passes * per_refine + draft_slack
 
     def refinement_tokens(self, state: PassState, features: VisionFeatures) -> torch.Tensor:
         """The SeR-Connector's K refinement tokens for the rows of `state`: (b, K, D)."""
@@ -453,10 +517,15 @@ class MMSeRForConditionalGeneration(LlavaForConditionalGeneration):
         generation: GenerationConfig,
         keep_state: bool,
         reuse_cache: bool = True,
+        cache_room: int | None = None,
+        max_draft: int = 0,
     ) -> PassState:
         """One refinement pass: the sequence so far + [K refinement tokens] + instruction
         (I,) ids -> PassState with the refined tokens (b, T). With `reuse_cache` the LM only
-        prefills the new K + I + 1 positions."""
+        prefills the new K + I + 1 positions; otherwise a new cache is made, static with
+        `cache_room` positions after this pass's prompt (None: dynamic). `max_draft` > 0
+        verifies the previous caption as a draft, up to that many tokens per LM call (the
+        last pass only: see `_run_pass`)."""
         refine = self.refinement_tokens(state, features)  # (b, K, D)
         b = refine.shape[0]
         instruction = self.get_input_embeddings()(instruction_ids)[None].expand(b, -1, -1)
@@ -465,8 +534,10 @@ class MMSeRForConditionalGeneration(LlavaForConditionalGeneration):
                          device=state.mask.device)
         mask = torch.cat([state.mask, new], dim=1)
         cache = state.cache if reuse_cache else None
+        cache_len = None if cache_room is None else embeds.shape[1] + cache_room
         return self._run_pass(
-            embeds, mask, cache, state.image_pos, state.rows, generation, keep_state
+            embeds, mask, cache, state.image_pos, state.rows, generation, keep_state, cache_len,
+            draft=state.tokens, max_draft=max_draft,
         )
 
     # -- training --------------------------------------------------------------------------

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from captioner.baseline_settings import Llava15Settings, Tag2TextSettings
 
@@ -59,6 +59,13 @@ class MMSeRSettings(SimpleSettings):
     # Continue the first pass's KV cache (prefill only the new tokens); false re-prefills
     # the whole sequence each pass (slower; the same captions up to float rounding).
     reuse_cache: bool = True
+    # Greedy refinement verifies the coarse caption as a draft, up to this many tokens per
+    # LM call, instead of writing every token in its own call (0: plain greedy). The same
+    # captions up to float rounding; fewer LM calls the more a refinement keeps.
+    draft_tokens: int = 8
+
+    # Fields that change speed, not captions: left out of the caption cache's key.
+    speed_only: ClassVar[tuple[str, ...]] = ("reuse_cache", "draft_tokens")
 
 
 @dataclass
