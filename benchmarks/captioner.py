@@ -35,7 +35,7 @@ from captioner.modeling_mmser import (
     PassState,
     count_parameters,
 )
-from captioner.settings import CaptionerSettings
+from captioner.settings import DEFAULT_DRAFT_TOKENS, CaptionerSettings
 from captioner.tiny import gpt2_tokenizer
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -84,6 +84,7 @@ def build_captioners(
     settings.generation.max_new_tokens = new_tokens
     settings.generation.min_new_tokens = new_tokens
     settings.mmser.refine_steps = 1
+    settings.mmser.draft_tokens = DEFAULT_DRAFT_TOKENS  # the GPU default, on any device
     plain = copy.deepcopy(settings)
     plain.mmser.draft_tokens = 0
     captioners = {
@@ -163,14 +164,14 @@ def agreement_sweep(
     rows = [{"agreement": None, "draft_tokens": 0, "refine_s": plain_s}]
     for k, agreement in enumerate(agreements):
         draft = perturbed(reference.tokens, agreement, vocab, seed=k)
-        seconds, out = refine_seconds(draft, mmser.settings.mmser.draft_tokens)
+        seconds, out = refine_seconds(draft, mmser.max_draft)
         if not torch.equal(out.tokens, reference.tokens):
             # Float rounding between a multi-token and a 1-token forward can flip a near
             # tie; say so rather than hide it.
             print(f"  note: agreement {agreement}: output differs from plain greedy")
         stats = out.draft_stats or {}
         rows.append({
-            "agreement": agreement, "draft_tokens": mmser.settings.mmser.draft_tokens,
+            "agreement": agreement, "draft_tokens": mmser.max_draft,
             "refine_s": seconds, "lm_calls": stats.get("calls", 0),
             "kept": stats.get("accepted", 0) / max(1, stats.get("proposed", 0)),
             "same_output": bool(torch.equal(out.tokens, reference.tokens)),
@@ -262,7 +263,7 @@ def main() -> None:
         "refine_steps": 1,
         "repeats": args.repeats,
         "reuse_cache": mmser.settings.mmser.reuse_cache,
-        "draft_tokens": mmser.settings.mmser.draft_tokens,
+        "draft_tokens": mmser.max_draft,
         "parameters": params,
         "rows": rows,
         # The headline: the largest batch, refinement WITHOUT draft help. A random model's

@@ -37,7 +37,7 @@ from captioner.base import (
 )
 from captioner.configuration_mmser import MMSeRConfig, real_config
 from captioner.modeling_mmser import MMSeRForConditionalGeneration, count_parameters
-from captioner.settings import CaptionerSettings
+from captioner.settings import DEFAULT_DRAFT_TOKENS, CaptionerSettings
 from pipeline.errors import CaptionerError
 
 IMAGE_TOKEN = "<image>"
@@ -106,9 +106,9 @@ class MMSeRCaptioner(Captioner):
             raise CaptionerError(
                 f"captioner.mmser.refine_steps must be >= 0, got {mm.refine_steps}"
             )
-        if mm.draft_tokens < 0:
+        if mm.draft_tokens is not None and mm.draft_tokens < 0:
             raise CaptionerError(
-                f"captioner.mmser.draft_tokens must be >= 0, got {mm.draft_tokens}"
+                f"captioner.mmser.draft_tokens must be >= 0 or null, got {mm.draft_tokens}"
             )
         if self.refine_steps and model.ser_connector is None:
             raise CaptionerError(
@@ -117,6 +117,9 @@ class MMSeRCaptioner(Captioner):
             )
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
+        # Draft verification pays where a decode step is memory-bound (GPU), see settings.
+        auto_draft = DEFAULT_DRAFT_TOKENS if self.device.type == "cuda" else 0
+        self.max_draft = auto_draft if mm.draft_tokens is None else mm.draft_tokens
         cfg = model.config
         gen = settings.generation
         ids = tokenizer(f"\n{gen.prompt}\n", add_special_tokens=False)["input_ids"]
@@ -166,7 +169,7 @@ class MMSeRCaptioner(Captioner):
         T, n_instr = self.generation.max_new_tokens, len(self.instruction_ids)
         reuse = self.settings.mmser.reuse_cache
         # A verified draft (last refinement pass) may spend up to T more slots on rejections.
-        slack = T if self.refine_steps and self.settings.mmser.draft_tokens else 0
+        slack = T if self.refine_steps and self.max_draft else 0
 
         def room(passes: int) -> int | None:
             return self.model.cache_room(T, passes, n_instr, slack) if greedy else None
@@ -193,7 +196,7 @@ class MMSeRCaptioner(Captioner):
                 keep_state=step + 1 < self.refine_steps,
                 reuse_cache=reuse,
                 cache_room=room(0),
-                max_draft=self.settings.mmser.draft_tokens,
+                max_draft=self.max_draft,
             )
             for key, value in (state.draft_stats or {}).items():
                 counters[f"draft_{key}"] = counters.get(f"draft_{key}", 0) + value

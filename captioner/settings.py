@@ -45,6 +45,9 @@ class SimpleSettings:
         }
 
 
+DEFAULT_DRAFT_TOKENS = 8
+
+
 @dataclass
 class MMSeRSettings(SimpleSettings):
     """MM-SeR: the simple model plus SeR-Connector self-refinement."""
@@ -61,8 +64,10 @@ class MMSeRSettings(SimpleSettings):
     reuse_cache: bool = True
     # Greedy refinement verifies the coarse caption as a draft, up to this many tokens per
     # LM call, instead of writing every token in its own call (0: plain greedy). The same
-    # captions up to float rounding; fewer LM calls the more a refinement keeps.
-    draft_tokens: int = 8
+    # captions up to float rounding; fewer LM calls the more a refinement keeps. null:
+    # DEFAULT_DRAFT_TOKENS on GPU, 0 on CPU, where a (k+1)-token call costs ~4 single
+    # steps at batch 32 and drafts only paid off when nearly all of them were kept.
+    draft_tokens: int | None = None
 
     # Fields that change speed, not captions: left out of the caption cache's key.
     speed_only: ClassVar[tuple[str, ...]] = ("reuse_cache", "draft_tokens")

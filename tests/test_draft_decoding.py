@@ -141,3 +141,11 @@ def test_negative_draft_tokens_is_an_error(tiny_dir):
 
     with pytest.raises(CaptionerError, match="draft_tokens"):
         build(settings(draft_tokens=-1), "mmser", checkpoint=tiny_dir)
+
+
+def test_null_draft_tokens_means_no_drafts_on_cpu(tiny_dir, frames):
+    """On CPU a (k+1)-token call costs several single steps, so drafts are off by default."""
+    auto = build(settings(), "mmser", checkpoint=tiny_dir)
+    assert auto.settings.mmser.draft_tokens is None and auto.max_draft == 0
+    assert auto.caption_batch(frames[:2]).counters == {}
+    assert build(settings(draft_tokens=3), "mmser", checkpoint=tiny_dir).max_draft == 3
