@@ -60,6 +60,17 @@ def test_drafted_refinement_equals_plain_greedy(tiny_dir, frames, min_new_tokens
         assert max(lengths) >= NEW_TOKENS - 2  # no early stop (allowing re-tokenisation)
 
 
+def test_iterative_refinement_drafts_its_last_pass_only(tiny_dir, frames):
+    """refine_steps 2: the first refinement records saliency for the next one (generate),
+    the last verifies its draft; captions and pass counts match plain greedy."""
+    plain = build(settings(refine_steps=2, draft_tokens=0), "mmser", checkpoint=tiny_dir)
+    drafted = build(settings(refine_steps=2, draft_tokens=4), "mmser", checkpoint=tiny_dir)
+    got_plain, got_drafted = plain.caption_batch(frames), drafted.caption_batch(frames)
+    assert results(got_drafted) == results(got_plain)
+    assert max(r.refine_passes for r in got_plain.results) == 2
+    assert got_drafted.counters["draft_calls"] >= 1
+
+
 def refine_with_draft(captioner, frames, draft_of, max_draft: int, slack: int = NEW_TOKENS):
     """One coarse pass, then one refinement pass whose draft is draft_of(state)."""
     model = captioner.model
