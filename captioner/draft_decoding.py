@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import torch
 from transformers import Cache
 
+from pipeline.errors import CaptionerError
+
 # After a correction the draft is searched this many tokens ahead for the LM's token, so a
 # deletion in the refined caption re-aligns the draft instead of rejecting the rest.
 REALIGN_WINDOW = 4
@@ -127,6 +129,11 @@ def draft_greedy(
             # Keep room for the longest unfinished row to end one token per call.
             free = capacity - int(cache.get_seq_length())
             left = max(max_new_tokens - len(o) for o, d in zip(out, done, strict=True) if not d)
+            if free < left:  # a caller's sizing error: fail clearly, not inside the cache
+                raise CaptionerError(
+                    f"KV cache too small for the refined caption: {free} free slots, "
+                    f"{left} tokens still to write"
+                )
             k = max(0, min(k, free - left))
         idx = torch.tensor(pointer, device=device)[:, None] + torch.arange(k, device=device)
         usable = idx < draft_len[:, None]  # (b, k)

@@ -379,6 +379,24 @@ class MMSeRForConditionalGeneration(LlavaForConditionalGeneration):
         qs = [decoder.layers[i].self_attn.q_proj for i in self.config.saliency_layers]
         return [*qs, decoder.final_layer_norm]
 
+    def _plain_greedy(self, generation: GenerationConfig) -> bool:
+        """Whether `generate` would decode with no logits processor beyond the min-length EOS
+        ban, i.e. what draft_greedy implements. Options left unset are filled from the
+        checkpoint's generation_config.json, as `generate` does."""
+        merged = copy.deepcopy(generation)
+        merged.update(defaults_only=True, **self.generation_config.to_dict())
+        processors = (
+            "no_repeat_ngram_size", "bad_words_ids", "suppress_tokens", "begin_suppress_tokens",
+            "forced_bos_token_id", "forced_eos_token_id", "sequence_bias", "min_length",
+            "encoder_no_repeat_ngram_size", "exponential_decay_length_penalty",
+        )  # fmt: skip
+        return (
+            not merged.do_sample
+            and merged.eos_token_id is not None
+            and merged.repetition_penalty in (None, 1.0)
+            and not any(getattr(merged, name, None) for name in processors)
+        )
+
     def _caption_mask(self, tokens: torch.Tensor, eos_token_id: int) -> torch.Tensor:
         """(B, T) -> 1 on tokens before the first EOS (padding follows EOS)."""
         return ((tokens == eos_token_id).cumsum(1) == 0).long()
@@ -404,12 +422,16 @@ class MMSeRForConditionalGeneration(LlavaForConditionalGeneration):
         P = embeds.shape[1]
         greedy = generation.num_beams == 1
         generation = copy.deepcopy(generation)
+        # No auto-compile (generate turns it on for a static cache on CUDA): CUDA graphs
+        # would overwrite the hook outputs that _TailRecorder keeps between steps.
+        generation.disable_compile = True
         generation.return_dict_in_generate = True
         generation.output_scores = not greedy  # beams: sequences_scores for the confidence
         record = keep_state and self.ser_connector is not None
         confidence = _ConfidenceRecorder()
         draft_stats = None
-        if greedy and draft is not None and max_draft > 0 and not record and draft.shape[1]:
+        draftable = draft is not None and max_draft > 0 and draft.shape[1] > 0
+        if greedy and draftable and not record and self._plain_greedy(generation):
             cache = cache if cache is not None else new_cache(self.config.text_config, cache_len)
             tokens, probs, stats = draft_greedy(
                 self, embeds, mask, cache, draft, draft_lengths(draft, generation.eos_token_id),

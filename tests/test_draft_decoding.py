@@ -71,13 +71,18 @@ def test_iterative_refinement_drafts_its_last_pass_only(tiny_dir, frames):
     assert got_drafted.counters["draft_calls"] >= 1
 
 
-def refine_with_draft(captioner, frames, draft_of, max_draft: int, slack: int = NEW_TOKENS):
-    """One coarse pass, then one refinement pass whose draft is draft_of(state)."""
+def refine_with_draft(
+    captioner, frames, draft_of, max_draft: int, slack: int = NEW_TOKENS, refine_room=None
+):
+    """One coarse pass, then one refinement pass whose draft is draft_of(state).
+    `refine_room` (default: enough) shrinks the cache the coarse pass allocates."""
     model = captioner.model
     pixels = captioner.processor(images=frames, return_tensors="pt")["pixel_values"]
     features = model.encode_images(pixels)
     ids = captioner.prompt_ids[None].expand(len(frames), -1)
     room = model.cache_room(NEW_TOKENS, 1, len(captioner.instruction_ids), slack)
+    if refine_room is not None:
+        room -= NEW_TOKENS - refine_room
     state = model.caption_pass(
         ids, torch.ones_like(ids), features, captioner.generation, keep_state=True,
         cache_room=room,
@@ -160,3 +165,40 @@ def test_null_draft_tokens_means_no_drafts_on_cpu(tiny_dir, frames):
     assert auto.settings.mmser.draft_tokens is None and auto.max_draft == 0
     assert auto.caption_batch(frames[:2]).counters == {}
     assert build(settings(draft_tokens=3), "mmser", checkpoint=tiny_dir).max_draft == 3
+
+
+@pytest.mark.parametrize("option", [{"no_repeat_ngram_size": 2}, {"repetition_penalty": 1.5}])
+def test_checkpoint_decoding_options_fall_back_to_generate(tiny_dir, frames, option):
+    """generate() fills unset options from the checkpoint's generation_config.json; drafts
+    implement only plain greedy, so such options send the pass back to generate()."""
+    plain = build(settings(draft_tokens=0), "mmser", checkpoint=tiny_dir)
+    drafted = build(settings(draft_tokens=4), "mmser", checkpoint=tiny_dir)
+    for captioner in (plain, drafted):
+        for key, value in option.items():
+            setattr(captioner.model.generation_config, key, value)
+    got_plain, got_drafted = plain.caption_batch(frames), drafted.caption_batch(frames)
+    assert results(got_drafted) == results(got_plain)
+    assert got_drafted.counters == {}  # no draft was verified
+
+
+def test_too_small_cache_is_a_clear_error(captioner, frames, reference):
+    from pipeline.errors import CaptionerError
+
+    with pytest.raises(CaptionerError, match="KV cache too small"):
+        refine_with_draft(captioner, frames, lambda s: reference.clone(), max_draft=4, slack=0,
+                          refine_room=NEW_TOKENS - 5)
+
+
+def test_generate_is_never_auto_compiled(captioner, frames, monkeypatch):
+    """generate() compiles (CUDA graphs) by itself for a static cache on CUDA; the passes
+    turn that off, as the hooks keep step outputs that CUDA graphs would overwrite."""
+    seen = []
+    real = captioner.model.generate
+
+    def spy(*args, generation_config, **kwargs):
+        seen.append(generation_config.disable_compile)
+        return real(*args, generation_config=generation_config, **kwargs)
+
+    monkeypatch.setattr(captioner.model, "generate", spy)
+    captioner.caption_batch(frames[:2])
+    assert seen and all(seen)
