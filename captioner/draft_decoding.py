@@ -38,9 +38,6 @@ class DraftStats:
     proposed: int = 0
     accepted: int = 0
 
-    def as_dict(self) -> dict[str, int]:
-        return {"calls": self.calls, "proposed": self.proposed, "accepted": self.accepted}
-
 
 def draft_lengths(tokens: torch.Tensor, eos_token_id: int) -> torch.Tensor:
     """(b, T) captions -> (b,) draft lengths: up to and including the first EOS."""

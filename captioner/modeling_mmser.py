@@ -23,6 +23,7 @@ where OPT keeps its tied embeddings). Self-refinement is OUR RECONSTRUCTION of t
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
@@ -410,15 +411,15 @@ class MMSeRForConditionalGeneration(LlavaForConditionalGeneration):
         rows: torch.Tensor,
         generation: GenerationConfig,
         keep_state: bool,
-        cache_len: int | None = None,
+        cache_room: int | None = None,
         draft: torch.Tensor | None = None,
         max_draft: int = 0,
     ) -> PassState:
         """Generate one caption per row continuing `embeds` (B, P, D) and, when
         `keep_state`, everything the next refinement pass needs. A new cache is static
-        with `cache_len` positions (None: dynamic). With a `draft` (B, Td) caption and
-        `max_draft` > 0, greedy decoding verifies up to that many draft tokens per LM call
-        (draft_decoding.py) when nothing needs recording for a later pass."""
+        with `cache_room` positions after `embeds` (None: dynamic). With a `draft` (B, Td)
+        caption and `max_draft` > 0, greedy decoding verifies up to that many draft tokens
+        per LM call (draft_decoding.py) when nothing needs recording for a later pass."""
         P = embeds.shape[1]
         greedy = generation.num_beams == 1
         generation = copy.deepcopy(generation)
@@ -430,9 +431,11 @@ class MMSeRForConditionalGeneration(LlavaForConditionalGeneration):
         record = keep_state and self.ser_connector is not None
         confidence = _ConfidenceRecorder()
         draft_stats = None
+        if greedy and cache is None:
+            cache_len = None if cache_room is None else P + cache_room
+            cache = new_cache(self.config.text_config, cache_len)
         draftable = draft is not None and max_draft > 0 and draft.shape[1] > 0
         if greedy and draftable and not record and self._plain_greedy(generation):
-            cache = cache if cache is not None else new_cache(self.config.text_config, cache_len)
             tokens, probs, stats = draft_greedy(
                 self, embeds, mask, cache, draft, draft_lengths(draft, generation.eos_token_id),
                 max_new_tokens=generation.max_new_tokens,
@@ -441,9 +444,8 @@ class MMSeRForConditionalGeneration(LlavaForConditionalGeneration):
                 pad_token_id=generation.pad_token_id,
                 max_draft=max_draft,
             )
-            draft_stats = stats.as_dict()
+            draft_stats = dataclasses.asdict(stats)
         elif greedy:
-            cache = cache if cache is not None else new_cache(self.config.text_config, cache_len)
             recorder = _TailRecorder(self._recorded_modules() if record else [], slice(-1, None))
             with recorder:
                 out = self.generate(
@@ -509,9 +511,8 @@ class MMSeRForConditionalGeneration(LlavaForConditionalGeneration):
         dynamic cache."""
         embeds, image_pos = self.embed_prompt(input_ids, features)
         rows = torch.arange(input_ids.shape[0], device=input_ids.device)
-        cache_len = None if cache_room is None else embeds.shape[1] + cache_room
         return self._run_pass(
-            embeds, attention_mask, None, image_pos, rows, generation, keep_state, cache_len
+            embeds, attention_mask, None, image_pos, rows, generation, keep_state, cache_room
         )
 
     def cache_room(
@@ -556,9 +557,8 @@ class MMSeRForConditionalGeneration(LlavaForConditionalGeneration):
                          device=state.mask.device)
         mask = torch.cat([state.mask, new], dim=1)
         cache = state.cache if reuse_cache else None
-        cache_len = None if cache_room is None else embeds.shape[1] + cache_room
         return self._run_pass(
-            embeds, mask, cache, state.image_pos, state.rows, generation, keep_state, cache_len,
+            embeds, mask, cache, state.image_pos, state.rows, generation, keep_state, cache_room,
             draft=state.tokens, max_draft=max_draft,
         )
 
