@@ -8,7 +8,10 @@ Random weights cannot stop early: min_new_tokens == max_new_tokens fixes every c
 length, so both captioners do the same decoding work per pass. Both use one model (CLIP
 ViT-L/14-336 + OPT-125M + SeR-Connector); `simple` runs only the first pass. The ratio
 `refine_overhead_ratio` is MM-SeR's time / the simple model's time at the largest batch
-measured (one refinement pass). No caption of a random model means anything: speed only.
+measured (one refinement pass). `flop_ratio` is the same ratio in operations executed on
+one frame (benchmarks/flops.py): a floor for the time ratio wherever captioning is
+compute-bound, and free of the load noise a shared machine puts on the timings.
+No caption of a random model means anything: speed only.
 Writes benchmarks/results/captioner.json (captioner_cuda.json with --device cuda).
 """
 
@@ -28,6 +31,7 @@ import torch
 import transformers
 from transformers import CLIPImageProcessor
 
+from benchmarks.flops import caption_flops
 from captioner.configuration_mmser import real_config
 from captioner.mmser import MMSeRCaptioner
 from captioner.modeling_mmser import (
@@ -208,6 +212,13 @@ def main() -> None:
     warm = rng.integers(0, 256, (2, 336, 336, 3), dtype=np.uint8)
     for captioner in captioners.values():
         captioner.caption_batch(warm)
+    # Operations each captioner executes on one frame: where captioning is compute-bound
+    # (this CPU), MM-SeR's time over the simple model's cannot fall below their ratio.
+    one = rng.integers(0, 256, (1, 336, 336, 3), dtype=np.uint8)
+    flops = {name: caption_flops(captioner, one) for name, captioner in captioners.items()}
+    counted = ", ".join(f"{name} {f['per_frame'] / 1e9:.1f}" for name, f in flops.items())
+    print(f"GFLOPs per frame: {counted}", flush=True)
+    refine_flops = flops["mmser_plain"]["per_frame"] - flops["simple"]["per_frame"]
 
     rows = []
     for batch in batch_sizes:
@@ -234,6 +245,10 @@ def main() -> None:
                 "mmser_plain_s": secs["mmser_plain"],
                 "ratio": secs["mmser"] / secs["simple"],
                 "ratio_plain": secs["mmser_plain"] / secs["simple"],
+                # Operations per second: the simple model's whole pass, and plain MM-SeR's
+                # refinement stage (its extra operations over its refine seconds).
+                "simple_gflop_per_s": n * flops["simple"]["per_frame"] / secs["simple"] / 1e9,
+                "refine_gflop_per_s": n * refine_flops / best["mmser_plain"][1]["refine"] / 1e9,
                 # How much of its own coarse caption this random model's refinement kept.
                 "draft_kept": counters.get("draft_accepted", 0)
                 / max(1, counters.get("draft_proposed", 0)),
@@ -265,6 +280,11 @@ def main() -> None:
         "reuse_cache": mmser.settings.mmser.reuse_cache,
         "draft_tokens": mmser.max_draft,
         "parameters": params,
+        # Counted on one frame (benchmarks/flops.py): total, connector, lm_head, attention.
+        "flops_per_frame": flops,
+        # The floor for the time ratio where captioning is compute-bound: no draft or cache
+        # trick removes operations (a draft's rejected tokens add some).
+        "flop_ratio": flops["mmser_plain"]["total"] / flops["simple"]["total"],
         "rows": rows,
         # The headline: the largest batch, refinement WITHOUT draft help. A random model's
         # refinement repeats its coarse caption (draft_kept), which no trained model does;
@@ -286,7 +306,8 @@ def main() -> None:
     )
     print(
         f"{'batch':>6} {'simple f/s':>11} {'mmser f/s':>10} {'ratio':>7} {'kept':>5} "
-        f"{'plain f/s':>10} {'ratio':>7} {'vision s':>9} {'coarse s':>9} {'refine s':>9}"
+        f"{'plain f/s':>10} {'ratio':>7} {'vision s':>9} {'coarse s':>9} {'refine s':>9} "
+        f"{'GFLOP/s':>13}"
     )
     for r in rows:
         st = r["mmser_plain_stages_s"]
@@ -294,10 +315,11 @@ def main() -> None:
             f"{r['batch_size']:>6} {r['simple_fps']:>11.3f} {r['mmser_fps']:>10.3f} "
             f"{r['ratio']:>7.3f} {r['draft_kept']:>5.2f} {r['mmser_plain_fps']:>10.3f} "
             f"{r['ratio_plain']:>7.3f} {st.get('vision', 0):>9.2f} {st.get('coarse', 0):>9.2f} "
-            f"{st.get('refine', 0):>9.2f}"
+            f"{st.get('refine', 0):>9.2f} "
+            f"{r['simple_gflop_per_s']:>6.0f} /{r['refine_gflop_per_s']:>5.0f}"
         )
     print("(mmser: drafts from the coarse caption, `kept` of them kept; plain: draft_tokens 0;"
-          " stage seconds are plain MM-SeR's)")
+          " stage seconds are plain MM-SeR's; GFLOP/s: the simple model / plain refinement)")
     if sweep:
         print(
             f"\nrefinement pass at batch {top['batch_size']} by draft agreement "
@@ -312,6 +334,12 @@ def main() -> None:
                 f"{label:>9} {row['refine_s']:>9.2f} {calls:>9} {kept:>6} "
                 f"{row['ratio_to_simple']:>14.3f}"
             )
+    f = {name: v["per_frame"] / 1e9 for name, v in flops.items()}
+    print(
+        f"\nGFLOPs per frame: simple {f['simple']:.1f}, MM-SeR {f['mmser_plain']:.1f} (connector "
+        f"{flops['mmser_plain']['connector'] / 1e9:.1f}); flop_ratio {result['flop_ratio']:.3f}"
+        " = the time ratio's floor where captioning is compute-bound"
+    )
     print(
         f"refine_overhead_ratio (plain) = {result['refine_overhead_ratio']:.3f}, "
         f"drafted = {result['refine_overhead_ratio_drafted']:.3f} -> {out_path}"
