@@ -99,15 +99,11 @@ def build_captioners(
     return captioners, count_parameters(model)
 
 
-def timed(captioner: MMSeRCaptioner, frames: np.ndarray, batch: int) -> tuple[float, dict]:
-    """Seconds to caption all frames in batches of `batch`, and summed stage timings."""
-    return timed_with_counters(captioner, frames, batch)[:2]
-
-
-def timed_with_counters(
+def timed(
     captioner: MMSeRCaptioner, frames: np.ndarray, batch: int
 ) -> tuple[float, dict[str, float], dict[str, int]]:
-    """`timed`, plus the batches' summed counters (draft tokens proposed and kept)."""
+    """Seconds to caption all frames in batches of `batch`, the summed stage timings and
+    the batches' summed counters (draft tokens proposed and kept)."""
     stages: dict[str, float] = {}
     counters: dict[str, int] = {}
     start = time.perf_counter()
@@ -228,7 +224,7 @@ def main() -> None:
         best: dict[str, tuple[float, dict, dict]] = {}
         for _ in range(args.repeats):
             for name, captioner in captioners.items():
-                run = timed_with_counters(captioner, frames, batch)
+                run = timed(captioner, frames, batch)
                 if name not in best or run[0] < best[name][0]:
                     best[name] = run
         secs = {name: run[0] for name, run in best.items()}

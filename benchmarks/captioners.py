@@ -509,7 +509,7 @@ def take_turn(c: Contender, frames: np.ndarray, device: str, t0: float) -> None:
     held = resident_memory(device)
     c.started.append(time.perf_counter() - t0)
     cpu = time.process_time()
-    seconds, stages = timed(c.captioner, frames, c.batch)
+    seconds, stages, _ = timed(c.captioner, frames, c.batch)
     c.cpu_s.append(time.process_time() - cpu)
     c.wall_s.append(seconds)
     c.frames.append(len(frames))

@@ -22,11 +22,6 @@ NEW_TOKENS = 10
 
 
 @pytest.fixture(scope="session")
-def tiny_dir(tmp_path_factory):
-    return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny-mmser"), refine=True, seed=0)
-
-
-@pytest.fixture(scope="session")
 def tiny_simple_dir(tmp_path_factory):
     return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny-simple"), refine=False, seed=1)
 
@@ -41,14 +36,6 @@ def settings(**mmser) -> CaptionerSettings:
 @pytest.fixture(scope="session")
 def mmser(tiny_dir):
     return build(settings(), "mmser", checkpoint=tiny_dir)
-
-
-@pytest.fixture(scope="session")
-def frames():
-    """Six frames of different sizes and content (the processor resizes them)."""
-    rng = np.random.default_rng(0)
-    sizes = [(48, 40), (32, 32), (60, 90), (33, 47), (40, 40), (64, 48)]
-    return [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in sizes]
 
 
 def captions(batch) -> list[tuple[str, str | None, int]]:

@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 
-import numpy as np
 import pytest
 import torch
 
 from captioner.draft_decoding import _realign, draft_lengths
 from captioner.mmser import build
 from captioner.settings import CaptionerSettings
-from captioner.tiny import build_tiny_checkpoint
 
 NEW_TOKENS = 12
 
@@ -28,18 +26,6 @@ def settings(min_new_tokens: int = 0, **mmser) -> CaptionerSettings:
     s.generation.min_new_tokens = min_new_tokens
     s.mmser = dataclasses.replace(s.mmser, **mmser)
     return s
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny-draft"), refine=True, seed=0)
-
-
-@pytest.fixture(scope="module")
-def frames():
-    rng = np.random.default_rng(0)
-    sizes = [(48, 40), (32, 32), (60, 90), (33, 47), (40, 40), (64, 48)]
-    return [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in sizes]
 
 
 def results(batch) -> list[tuple[str, str | None, int]]:

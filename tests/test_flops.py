@@ -10,14 +10,8 @@ import pytest
 from benchmarks.flops import caption_flops
 from captioner.mmser import MMSeRCaptioner, build
 from captioner.settings import CaptionerSettings
-from captioner.tiny import build_tiny_checkpoint
 
 NEW_TOKENS = 4
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny-flops"), refine=True, seed=0)
 
 
 def fixed_length(name: str, checkpoint) -> MMSeRCaptioner:
@@ -28,14 +22,19 @@ def fixed_length(name: str, checkpoint) -> MMSeRCaptioner:
 
 
 @pytest.fixture(scope="module")
-def counts(tiny_dir) -> dict[str, dict[str, float]]:
+def simple(tiny_dir) -> MMSeRCaptioner:
+    return fixed_length("simple", tiny_dir)
+
+
+@pytest.fixture(scope="module")
+def counts(tiny_dir, simple) -> dict[str, dict[str, float]]:
     frames = np.random.default_rng(0).integers(0, 256, (2, 40, 40, 3), dtype=np.uint8)
-    names = ("simple", "mmser")
-    return {name: caption_flops(fixed_length(name, tiny_dir), frames) for name in names}
+    captioners = {"simple": simple, "mmser": fixed_length("mmser", tiny_dir)}
+    return {name: caption_flops(c, frames) for name, c in captioners.items()}
 
 
-def test_lm_head_counted_once_per_written_token(tiny_dir, counts) -> None:
-    text = fixed_length("simple", tiny_dir).model.config.text_config
+def test_lm_head_counted_once_per_written_token(simple, counts) -> None:
+    text = simple.model.config.text_config
     per_pass = 2 * 2 * NEW_TOKENS * text.hidden_size * text.vocab_size  # 2 frames, 2 FLOPs/MAC
     assert counts["simple"]["lm_head"] == per_pass
     assert counts["mmser"]["lm_head"] == 2 * per_pass  # the refinement writes as many tokens
