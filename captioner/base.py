@@ -127,6 +127,15 @@ _REGISTRY: dict[str, str] = {
 }
 
 
+# The version of each captioner's model code: part of the caption cache's key, so captions
+# cached before a change that alters outputs are never served after it. BUMP the entry with
+# every such change (a fix to a pass, a new default inside the model, a prompt layout).
+#   simple / mmser 2: the connector reads the state after the last caption token, saliency
+#   from the caption tokens themselves, a learned saliency scale, OPT's BOS convention, the
+#   confidence stop before every pass.
+CODE_VERSIONS: dict[str, int] = {"simple": 2, "mmser": 2, "llava15": 1, "tag2text": 1}
+
+
 def registered_captioners() -> list[str]:
     return sorted(_REGISTRY)
 
@@ -220,9 +229,10 @@ def checkpoint_fingerprint(reference: str | None) -> str | None:
 
 def captioner_identity(settings: CaptionerSettings, name: str | None = None) -> dict[str, Any]:
     """Everything that changes captioner `name`'s output, without loading it: its name, its
-    settings section with model files (its `model_files()`) replaced by content
-    fingerprints, the generation settings and dtype. The caption cache keys on this (batch
-    size, device and a section's `speed_only` fields do not change captions)."""
+    model code's version (`CODE_VERSIONS`), its settings section with model files (its
+    `model_files()`) replaced by content fingerprints, the generation settings and dtype.
+    The caption cache keys on this (batch size, device and a section's `speed_only` fields
+    do not change captions)."""
     name = name or settings.name
     check_captioner_name(name)
     section = getattr(settings, name)
@@ -233,6 +243,7 @@ def captioner_identity(settings: CaptionerSettings, name: str | None = None) -> 
         own[key] = checkpoint_fingerprint(reference)
     return {
         "name": name,
+        "code_version": CODE_VERSIONS.get(name, 1),
         "settings": own,
         "generation": dataclasses.asdict(settings.generation),
         "dtype": settings.dtype,

@@ -65,6 +65,11 @@ class MMSeRConfig(LlavaConfig):
       num_refine_tokens: K, the refinement visual tokens the connector writes for the LM.
       saliency_layers: OPT layers whose attention (caption tokens -> image tokens) makes
         the saliency map; null = the last 4 layers.
+
+    Prompts a trained checkpoint was trained with (`mmser train` writes them; the
+    captioner then uses them instead of the config's, since the model learned those):
+      caption_prompt: the caption instruction after the image tokens.
+      refine_prompt: the instruction after the refinement tokens.
     """
 
     model_type = "mmser"
@@ -77,6 +82,8 @@ class MMSeRConfig(LlavaConfig):
     connector_mlp_ratio: int = 4
     num_refine_tokens: int = 64
     saliency_layers: list[int] | None = None
+    caption_prompt: str | None = None
+    refine_prompt: str | None = None
 
     def __post_init__(self, **kwargs):
         # Defaults are the paper's components (LlavaConfig's would be CLIP + Llama).

@@ -36,7 +36,8 @@ from captioner.base import (
     with_build_options,
 )
 from captioner.configuration_mmser import MMSeRConfig, real_config
-from captioner.modeling_mmser import MMSeRForConditionalGeneration, count_parameters
+from captioner.modeling_mmser import MMSeRForConditionalGeneration, PassState, count_parameters
+from captioner.sequence import build_layout, encode_captions
 from captioner.settings import DEFAULT_DRAFT_TOKENS, CaptionerSettings
 from pipeline.errors import CaptionerError
 
@@ -122,20 +123,24 @@ class MMSeRCaptioner(Captioner):
         self.max_draft = auto_draft if mm.draft_tokens is None else mm.draft_tokens
         cfg = model.config
         gen = settings.generation
-        ids = tokenizer(f"\n{gen.prompt}\n", add_special_tokens=False)["input_ids"]
-        bos = tokenizer.bos_token_id
-        prompt = ([bos] if bos is not None else []) + [cfg.image_token_index] * cfg.image_seq_length
-        self.prompt_ids = torch.tensor(prompt + ids, device=self.device)  # (S,)
-        refine_ids = tokenizer(f"\n{mm.refine_prompt}\n", add_special_tokens=False)["input_ids"]
-        self.instruction_ids = torch.tensor(refine_ids, device=self.device)  # (I,)
+        # A trained checkpoint carries the prompts it learned; a model built from components
+        # (or an older checkpoint) takes the config's.
+        self.prompt = cfg.caption_prompt or gen.prompt
+        self.refine_prompt = cfg.refine_prompt or mm.refine_prompt
+        self.layout = build_layout(
+            tokenizer, cfg.image_token_index, cfg.image_seq_length, self.prompt,
+            self.refine_prompt,
+        )
+        self.prompt_ids = torch.tensor(self.layout.prompt_ids, device=self.device)  # (S,)
+        self.instruction_ids = self.layout.instruction_tensor(self.device)  # (I,)
         self.generation = GenerationConfig(
             max_new_tokens=gen.max_new_tokens,
             min_new_tokens=gen.min_new_tokens,
             num_beams=gen.num_beams,
             do_sample=False,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-            bos_token_id=bos,
+            eos_token_id=self.layout.eos_token_id,
+            pad_token_id=self.layout.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id,
         )
 
     def _sync(self) -> None:
@@ -144,6 +149,28 @@ class MMSeRCaptioner(Captioner):
 
     def caption_batch(self, frames: Sequence[np.ndarray] | np.ndarray) -> CaptionBatch:
         """B frames (H, W, 3) uint8 -> B results; timings in seconds per stage."""
+        return self._caption(frames, given=None)
+
+    def refine_given(
+        self, frames: Sequence[np.ndarray] | np.ndarray, captions: Sequence[str],
+        zero_refinement: bool = False,
+    ) -> CaptionBatch:
+        """Refine the given captions of B frames instead of the model's own coarse ones:
+        each result's `coarse_caption` is the given caption, `caption` its refinement
+        (refine_steps passes; the confidence threshold does not apply, as the model did not
+        write the given caption). For evaluation: a perturbed caption in, a corrected one
+        out; `zero_refinement` replaces the refinement tokens by zeros (a control)."""
+        if not self.refine_steps:
+            raise CaptionerError(f"captioner {self.name!r} does not refine (refine_steps 0)")
+        frames = check_frames(frames)
+        if len(captions) != len(frames):
+            raise CaptionerError(f"{len(captions)} captions given for {len(frames)} frames")
+        return self._caption(frames, given=list(captions), zero_refinement=zero_refinement)
+
+    def _caption(
+        self, frames: Sequence[np.ndarray] | np.ndarray, given: list[str] | None,
+        zero_refinement: bool = False,
+    ) -> CaptionBatch:
         frames = check_frames(frames)
         B = len(frames)
         timings: dict[str, float] = {}
@@ -174,40 +201,23 @@ class MMSeRCaptioner(Captioner):
         def room(passes: int) -> int | None:
             return self.model.cache_room(T, passes, n_instr, slack) if greedy else None
 
-        state = self.model.caption_pass(
-            input_ids, mask, features, self.generation, keep_state=self.refine_steps > 0,
-            cache_room=room(self.refine_steps if reuse else 0),
-        )
-        coarse = self.tokenizer.batch_decode(state.tokens, skip_special_tokens=True)
-        lap("coarse")
-        captions, passes = list(coarse), [0] * B
-        counters: dict[str, int] = {}
-        keep = None
-        if self.confidence_threshold is not None and self.refine_steps:
-            keep = state.confidence < self.confidence_threshold
-        for step in range(self.refine_steps):
-            if keep is not None:
-                if not bool(keep.any()):
-                    break
-                if not bool(keep.all()):
-                    state = state.select(keep.nonzero()[:, 0])
-            state = self.model.refine_pass(
-                state, features, self.instruction_ids, self.generation,
-                keep_state=step + 1 < self.refine_steps,
-                reuse_cache=reuse,
-                cache_room=room(0),
-                max_draft=self.max_draft,
+        if given is None:
+            state = self.model.caption_pass(
+                input_ids, mask, features, self.generation, keep_state=self.refine_steps > 0,
+                cache_room=room(self.refine_steps if reuse else 0),
             )
-            for key, value in (state.draft_stats or {}).items():
-                counters[f"draft_{key}"] = counters.get(f"draft_{key}", 0) + value
-            texts = self.tokenizer.batch_decode(state.tokens, skip_special_tokens=True)
-            rows = state.rows.tolist()
-            # Adaptive stop: a frame whose caption this pass left unchanged is done.
-            changed = [texts[i] != captions[r] for i, r in enumerate(rows)]
-            for i, r in enumerate(rows):
-                captions[r] = texts[i]
-                passes[r] += 1
-            keep = torch.tensor(changed, device=self.device)
+            coarse = self.tokenizer.batch_decode(state.tokens, skip_special_tokens=True)
+        else:
+            tokens = encode_captions(self.tokenizer, given, T + 1, self.layout).to(self.device)
+            state = self.model.given_caption_pass(
+                input_ids, mask, features, tokens, self.layout.eos_token_id
+            )
+            coarse = list(given)
+        lap("coarse")
+        captions, passes, counters = self._refine(
+            state, features, list(coarse), room, reuse, zero_refinement,
+            threshold=self.confidence_threshold if given is None else None,
+        )
         if self.refine_steps:
             lap("refine")
         results = [
@@ -219,6 +229,45 @@ class MMSeRCaptioner(Captioner):
             for i in range(B)
         ]
         return CaptionBatch(results=results, timings=timings, counters=counters)
+
+    def _refine(
+        self, state: PassState, features: Any, captions: list[str], room: Any, reuse: bool,
+        zero_refinement: bool, threshold: float | None,
+    ) -> tuple[list[str], list[int], dict[str, int]]:
+        """Up to refine_steps refinement passes over the rows of `state`. Before every pass
+        a row stops when its latest caption is confident enough (mean token probability >=
+        `threshold`) or when the previous pass left it unchanged (adaptive stopping)."""
+        passes = [0] * len(captions)
+        counters: dict[str, int] = {}
+        changed = torch.ones(len(captions), dtype=torch.bool, device=self.device)
+        for step in range(self.refine_steps):
+            keep = changed
+            if threshold is not None:
+                keep = keep & (state.confidence < threshold)
+            if not bool(keep.any()):
+                break
+            if not bool(keep.all()):
+                state = state.select(keep.nonzero()[:, 0])
+            state = self.model.refine_pass(
+                state, features, self.instruction_ids, self.generation,
+                keep_state=step + 1 < self.refine_steps,
+                reuse_cache=reuse,
+                cache_room=room(0),
+                max_draft=self.max_draft,
+                zero_refinement=zero_refinement,
+            )
+            for key, value in (state.draft_stats or {}).items():
+                counters[f"draft_{key}"] = counters.get(f"draft_{key}", 0) + value
+            texts = self.tokenizer.batch_decode(state.tokens, skip_special_tokens=True)
+            rows = state.rows.tolist()
+            # Adaptive stop: a frame whose caption this pass left unchanged is done.
+            changed = torch.tensor(
+                [texts[i] != captions[r] for i, r in enumerate(rows)], device=self.device
+            )
+            for i, r in enumerate(rows):
+                captions[r] = texts[i]
+                passes[r] += 1
+        return captions, passes, counters
 
 
 def _settings_for(settings: CaptionerSettings, name: str) -> Any:

@@ -188,29 +188,28 @@ def test_min_new_tokens_fixes_length(tiny_dir, frames):
 
 
 def test_training_step_lowers_loss_through_connector(tiny_dir):
+    from captioner.training import RefineCollator
+
     captioner = build(settings(), "mmser", checkpoint=tiny_dir)
-    model, tok = captioner.model, captioner.tokenizer
+    model = captioner.model
     torch.manual_seed(0)
-    B = 3
-    pixels = torch.randn(B, 3, 32, 32)
-    ids = captioner.prompt_ids[None].expand(B, -1)
-    coarse = tok(["a red cup on a table", "two dogs", "a man rides a bike"],
-                 padding=True, padding_side="right", return_tensors="pt")
-    coarse_ids = coarse["input_ids"].masked_fill(coarse["attention_mask"] == 0, tok.eos_token_id)
-    target = tok(["a blue cup on a table", "two cats", "a woman rides a bike"],
-                 padding=True, padding_side="right", return_tensors="pt")
-    args = (pixels, ids, coarse_ids, target["input_ids"], target["attention_mask"],
-            captioner.instruction_ids, tok.eos_token_id)
+    items = [
+        {"pixel_values": torch.randn(3, 32, 32), "caption": target, "coarse": coarse}
+        for coarse, target in (("a red cup on a table", "a blue cup on a table"),
+                               ("two dogs", "two cats"),
+                               ("a man rides a bike", "a woman rides a bike"))
+    ]
+    batch = RefineCollator(captioner.tokenizer, captioner.layout, max_tokens=16)(items)
     lm_before = model.lm_head.weight.detach().clone()
     # Plain SGD with a small step: the tiny model's wide random init makes the loss curved.
     optimiser = torch.optim.SGD(model.ser_connector.parameters(), lr=1e-4)
-    loss = model.refinement_loss(*args)
+    loss = model(**batch).refine_loss
     loss.backward()
     assert all(p.grad is not None and bool(p.grad.abs().sum() > 0)
                for p in model.ser_connector.parameters())
     optimiser.step()
     with torch.no_grad():
-        after = model.refinement_loss(*args)
+        after = model(**batch).refine_loss
     assert float(after) < float(loss.detach())
     assert torch.equal(model.lm_head.weight, lm_before)
 
