@@ -1,0 +1,717 @@
+"""Pseudo-initial captions: a right caption with a few entities, attributes or relations
+swapped, the training input of MM-SeR's refinement pass ("localized correction").
+
+    import random
+    from captioner.perturb import PerturbSettings, RulePerturber, WordLists
+
+    perturber = RulePerturber(WordLists.default(), PerturbSettings())
+    p = perturber.perturb("A man holding a red umbrella next to a dog.", random.Random(1))
+    p.perturbed   # "A man holding a red purse next to a dog."
+    p.edits       # (Edit(kind="entity", subtype="object", start=20, end=28,
+                  #       original="umbrella", replacement="purse"),)
+    perturber.perturb(caption, rng, kinds=["relation"], n_edits=1)   # one relation edit
+
+A replacement always comes from the same group of interchangeable phrases (`WordLists`),
+and the rules keep a perturbed caption indistinguishable from a real one by its surface:
+no phrase is introduced that the caption already holds, the length stays within
+`max_length_change`, the first letter keeps its case and the indefinite article before the
+replaced word is fixed ("a red" -> "an orange"). `validate_edits` applies the same checks
+and fixes to edits an LLM proposes (`pipeline.perturb` runs that path).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from pipeline.errors import CaptionerError
+
+Kind = Literal["entity", "attribute", "relation"]
+KINDS: tuple[str, ...] = ("entity", "attribute", "relation")
+# The subtype an LLM edit gets when its phrase is in no word list.
+DEFAULT_SUBTYPE = {"entity": "object", "attribute": "other", "relation": "other"}
+VARIANT_SEPARATOR = "|"  # "big|large": one meaning, never swapped for each other
+
+
+# --- records -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Edit:
+    """One replacement: the span [start, end) of the ORIGINAL caption and its new text."""
+
+    kind: Kind
+    subtype: str  # entity: object; attribute: colour|count|size|material; relation: spatial|action
+    start: int
+    end: int
+    original: str
+    replacement: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Edit:
+        try:
+            return cls(
+                kind=d["kind"],
+                subtype=str(d["subtype"]),
+                start=int(d["start"]),
+                end=int(d["end"]),
+                original=str(d["original"]),
+                replacement=str(d["replacement"]),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CaptionerError(f"not an edit record ({exc!r}): {dict(d)}") from exc
+
+
+@dataclass(frozen=True)
+class Perturbation:
+    original: str
+    perturbed: str
+    edits: tuple[Edit, ...]  # sorted by start
+    source: str  # "rules" | "llm:<model>" | "rules (llm rejected: <reason>)"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "original": self.original,
+            "perturbed": self.perturbed,
+            "edits": [e.to_dict() for e in self.edits],
+            "source": self.source,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Perturbation:
+        try:
+            edits = tuple(Edit.from_dict(e) for e in d["edits"])
+            return cls(str(d["original"]), str(d["perturbed"]), edits, str(d["source"]))
+        except (KeyError, TypeError) as exc:
+            raise CaptionerError(f"not a perturbation record ({exc!r})") from exc
+
+
+# --- English helpers -------------------------------------------------------------------------
+
+# A word: letters/digits, with inner hyphens or apostrophes ("t-shirt", "dog's") kept whole,
+# so a listed word never matches inside a compound.
+_WORD = re.compile(r"\w+(?:['’-]\w+)*")
+_ARTICLE_BEFORE = re.compile(r"(?<![\w'’-])(an?)(\s+)$", re.IGNORECASE)
+_IRREGULAR_PLURALS = {
+    "man": "men", "woman": "women", "child": "children", "person": "people",
+    "mouse": "mice", "foot": "feet", "tooth": "teeth", "goose": "geese",
+    "sheep": "sheep", "deer": "deer", "fish": "fish", "ox": "oxen",
+    "knife": "knives", "leaf": "leaves", "shelf": "shelves", "wolf": "wolves",
+    "scarf": "scarves", "loaf": "loaves", "calf": "calves", "wife": "wives",
+    "policeman": "policemen", "fireman": "firemen", "snowman": "snowmen",
+    "tomato": "tomatoes", "potato": "potatoes", "hero": "heroes", "volcano": "volcanoes",
+}  # fmt: skip
+# Words before an entity that make an invariant noun ("two sheep") plural.
+_PLURAL_CUES = frozenset(
+    "two three four five six seven eight nine ten several many some few multiple these "
+    "those both".split()
+)
+_CONSONANT_SOUND_VOWELS = ("uni", "use", "usu", "uti", "eu", "ewe", "one", "once")
+_VOWEL_SOUND_H = ("hour", "honest", "honor", "honour", "heir")
+
+
+def tokens(text: str) -> list[re.Match[str]]:
+    return list(_WORD.finditer(text))
+
+
+def phrase_key(phrase: str) -> tuple[str, ...]:
+    """The case-free word sequence a phrase is matched by."""
+    return tuple(m.group().lower() for m in _WORD.finditer(phrase))
+
+
+def pluralize(phrase: str) -> str:
+    """The plural of a noun phrase (its last word): dog -> dogs, bus -> buses, man -> men."""
+    head, _, word = phrase.rpartition(" ")
+    lower = word.lower()
+    if lower in _IRREGULAR_PLURALS:
+        plural = match_case(word, _IRREGULAR_PLURALS[lower])
+    elif lower.endswith(("s", "x", "z", "ch", "sh")):
+        plural = word + "es"
+    elif len(lower) > 1 and lower.endswith("y") and lower[-2] not in "aeiou":
+        plural = word[:-1] + "ies"
+    else:
+        plural = word + "s"
+    return f"{head} {plural}" if head else plural
+
+
+def needs_an(phrase: str) -> bool:
+    """Whether the indefinite article before `phrase` is "an" (by its first sound)."""
+    words = phrase_key(phrase)
+    if not words:
+        return False
+    word = words[0]
+    if word.startswith(_VOWEL_SOUND_H):
+        return True
+    if word.startswith(_CONSONANT_SOUND_VOWELS):
+        return False
+    return word[0] in "aeiou"
+
+
+def match_case(original: str, replacement: str) -> str:
+    """`replacement` with the case of `original`'s first letter (ALL CAPS kept as such)."""
+    if not original or not replacement:
+        return replacement
+    if len(original) > 1 and original.isupper():
+        return replacement.upper()
+    if original[0].isupper():
+        return replacement[0].upper() + replacement[1:]
+    if original[0].islower() and replacement[:2].istitle():
+        return replacement[0].lower() + replacement[1:]  # "Cat" mid-sentence -> "cat"
+    return replacement
+
+
+def localize(caption: str, start: int, end: int, replacement: str) -> tuple[int, str, str]:
+    """(start, original, replacement) of replacing caption[start:end], with the first
+    letter's case kept and a preceding "a"/"an" taken into the edit when it must change."""
+    original = caption[start:end]
+    replacement = match_case(original, replacement)
+    article = _ARTICLE_BEFORE.search(caption, 0, start)
+    if article is None or not replacement:
+        return start, original, replacement
+    wanted = "an" if needs_an(replacement) else "a"
+    if wanted == article.group(1).lower():
+        return start, original, replacement
+    new_article = match_case(article.group(1), wanted)
+    return (
+        article.start(),
+        caption[article.start() : end],
+        new_article + article.group(2) + replacement,
+    )
+
+
+# --- word lists ------------------------------------------------------------------------------
+
+# kind -> subtype -> groups -> entries. An entry "a|b" is one meaning written two ways.
+# A subtype is a list of entries (one group) or a list of groups: a replacement comes from
+# the group of the phrase it replaces, so a dog becomes a cat, not a sandwich. Words that
+# include another word of their group (person > man, computer > laptop, holding <
+# carrying) are left out or merged into one entry: swapping them would not be an error.
+DEFAULT_WORD_LISTS: dict[str, dict[str, list[Any]]] = {
+    "entity": {
+        "object": [
+            ["man", "woman", "boy", "girl", "baby"],
+            ["player", "skier", "surfer", "skateboarder", "chef", "police officer|policeman",
+             "soldier", "doctor"],
+            ["dog|puppy", "cat|kitten", "horse", "cow", "sheep", "elephant", "giraffe",
+             "zebra", "bear", "bird", "goat", "pig", "lion", "tiger", "monkey",
+             "deer", "rabbit", "squirrel"],
+            ["car", "truck", "bus", "train", "bicycle|bike", "motorcycle|motorbike", "boat",
+             "airplane|plane|jet", "van", "scooter", "tractor"],
+            ["pizza", "sandwich", "cake", "donut|doughnut", "banana", "apple", "carrot",
+             "hot dog", "pear", "burger|hamburger", "salad", "cookie", "egg", "tomato",
+             "potato"],
+            ["table", "chair", "couch|sofa", "bed", "bench", "desk", "shelf", "cabinet",
+             "lamp", "television|tv", "laptop", "keyboard",
+             "phone|cell phone|cellphone|smartphone|mobile phone", "book", "clock", "vase",
+             "bottle", "cup|mug", "bowl", "plate", "knife", "fork", "spoon",
+             "remote|remote control", "umbrella", "handbag|purse", "backpack",
+             "suitcase"],
+            ["frisbee", "kite", "surfboard", "skateboard", "snowboard", "ball",
+             "tennis racket|racket|racquet", "baseball bat", "baseball glove|glove"],
+            ["shirt|t-shirt", "jacket|coat", "hat|cap", "dress", "skirt", "tie", "scarf",
+             "helmet", "sweater"],
+            ["tree", "flower", "bush", "rock"],
+            ["house", "tower", "church", "bridge", "fence", "wall", "window",
+             "door", "sign", "pole"],
+            ["beach", "street|road", "field", "park", "forest", "mountain", "lake",
+             "river", "kitchen", "bathroom", "bedroom", "living room", "office"],
+        ],
+    },
+    "attribute": {
+        "colour": ["red", "orange", "yellow", "green", "blue", "purple", "pink", "brown",
+                   "black", "white", "gray|grey", "silver", "golden|gold", "beige"],
+        "count": ["two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"],
+        "size": [
+            ["small|little|tiny", "large|big|huge|giant|enormous"],
+            ["tall", "short"],
+            ["wide", "narrow"],
+            ["thick", "thin"],
+        ],
+        "material": ["wooden|wood", "metal|metallic|steel|iron", "glass", "plastic",
+                     "leather", "stone", "brick", "concrete|cement", "ceramic|porcelain",
+                     "paper", "cardboard", "wicker", "marble", "rubber", "fabric|cloth",
+                     "wool|woolen|woollen", "denim"],
+    },
+    "relation": {
+        "spatial": ["on|on top of|atop", "under|below|beneath|underneath", "above|over",
+                    "next to|beside|near|close to", "behind", "in front of",
+                    "to the left of|on the left of|on the left side of",
+                    "to the right of|on the right of|on the right side of",
+                    "inside", "across from"],
+        "action": [
+            ["holding|carrying", "eating", "drinking", "throwing", "catching", "pushing",
+             "pulling", "cutting", "washing", "kicking", "hugging", "feeding", "petting",
+             "riding", "driving"],
+            ["sitting", "standing", "lying|laying", "kneeling", "leaning",
+             "crouching|squatting"],
+            ["walking", "running", "jumping", "swimming", "flying", "dancing"],
+            ["looking at|watching|staring at", "talking to|speaking to", "pointing at",
+             "waving at", "smiling at", "playing with", "reading"],
+        ],
+    },
+}  # fmt: skip
+
+Entry = tuple[str, ...]  # the variants of one meaning, as listed
+
+
+@dataclass(frozen=True)
+class Form:
+    """A written form of a listed entry: where it sits in the lists, and its number."""
+
+    kind: str
+    subtype: str
+    group: int
+    entry: int
+    plural: bool
+
+
+class WordLists:
+    """Groups of interchangeable words/phrases: kind -> subtype -> list of phrases.
+
+    JSON form: {"entity": {"object": [...]}, "attribute": {"colour": [...], "size": [...],
+    "count": [...], "material": [...]}, "relation": {"spatial": [...], "action": [...]}}.
+    A subtype's list may instead be a list of lists (several groups; a replacement comes
+    from its phrase's own group), and an entry "a|b" lists two spellings of one meaning.
+    Entity phrases are singular nouns; their plurals are matched (and replaced) too.
+    """
+
+    def __init__(self, lists: dict[str, dict[str, list[list[Entry]]]]) -> None:
+        self.lists = lists
+        self.index, self.max_words = self._build_index()
+
+    @classmethod
+    def default(cls) -> WordLists:
+        """Rich English lists for real captions (COCO / ShareGPT4V style)."""
+        return cls.from_json(DEFAULT_WORD_LISTS)
+
+    @classmethod
+    def from_json(cls, path_or_dict: str | Path | Mapping[str, Any]) -> WordLists:
+        """Lists from a JSON file or its parsed dict; CaptionerError names the bad entry."""
+        if not isinstance(path_or_dict, (str, Path)):
+            return cls(_parse_lists(path_or_dict, "word lists"))
+        path = Path(path_or_dict)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise CaptionerError(f"word lists {path}: cannot read JSON ({exc})") from exc
+        return cls(_parse_lists(data, f"word lists {path}"))
+
+    def to_dict(self) -> dict[str, dict[str, list[Any]]]:
+        out: dict[str, dict[str, list[Any]]] = {}
+        for kind, subtypes in self.lists.items():
+            out[kind] = {}
+            for subtype, groups in subtypes.items():
+                written = [[VARIANT_SEPARATOR.join(e) for e in g] for g in groups]
+                out[kind][subtype] = written[0] if len(written) == 1 else written
+        return out
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, WordLists) and self.to_dict() == other.to_dict()
+
+    def group(self, form: Form) -> list[Entry]:
+        return self.lists[form.kind][form.subtype][form.group]
+
+    def entries(self) -> Iterator[tuple[str, str, int, int, Entry]]:
+        """(kind, subtype, group, entry index, variants) of every entry."""
+        for kind, subtypes in self.lists.items():
+            for subtype, groups in subtypes.items():
+                for g, entries in enumerate(groups):
+                    for e, variants in enumerate(entries):
+                        yield kind, subtype, g, e, variants
+
+    def forms(self, kind: str, variants: Entry) -> list[tuple[str, bool]]:
+        """(text, plural) of every way an entry is written: its variants (+ plurals)."""
+        out = [(v, False) for v in variants]
+        if kind == "entity":
+            out += [(pluralize(v), True) for v in variants if pluralize(v) != v]
+        return out
+
+    def _build_index(self) -> tuple[dict[tuple[str, ...], Form], int]:
+        """Word sequence -> Form; a listed phrase wins over a derived plural."""
+        index: dict[tuple[str, ...], Form] = {}
+        derived: dict[tuple[str, ...], Form] = {}
+        for kind, subtype, g, e, variants in self.entries():
+            for text, plural in self.forms(kind, variants):
+                target = derived if plural else index
+                target.setdefault(phrase_key(text), Form(kind, subtype, g, e, plural))
+        for key, form in derived.items():
+            index.setdefault(key, form)
+        return index, max((len(k) for k in index), default=0)
+
+
+def _parse_lists(data: object, where: str) -> dict[str, dict[str, list[list[Entry]]]]:
+    """Check the JSON form; raise CaptionerError naming `where` and the bad entry."""
+    if not isinstance(data, Mapping) or not data:
+        raise CaptionerError(f"{where}: expected a non-empty object of kinds, got {data!r}")
+    lists: dict[str, dict[str, list[list[Entry]]]] = {}
+    seen: dict[tuple[str, ...], str] = {}
+    for kind, subtypes in data.items():
+        if kind not in KINDS:
+            raise CaptionerError(f"{where}: unknown kind {kind!r}; known: {', '.join(KINDS)}")
+        if not isinstance(subtypes, Mapping) or not subtypes:
+            raise CaptionerError(f"{where}: {kind} must map subtypes to lists, got {subtypes!r}")
+        lists[kind] = {}
+        for subtype, value in subtypes.items():
+            at = f"{where}: {kind}.{subtype}"
+            groups = _parse_groups(value, at)
+            for g, group in enumerate(groups):
+                for entry in group:
+                    for variant in entry:
+                        key = phrase_key(variant)
+                        if key in seen:
+                            raise CaptionerError(
+                                f"{at} (group {g}): {variant!r} is listed twice "
+                                f"(also in {seen[key]})"
+                            )
+                        seen[key] = f"{kind}.{subtype}"
+            lists[kind][str(subtype)] = groups
+    return lists
+
+
+def _parse_groups(value: object, at: str) -> list[list[Entry]]:
+    if not isinstance(value, list) or not value:
+        raise CaptionerError(f"{at}: expected a non-empty list, got {value!r}")
+    raw_groups = value if all(isinstance(v, list) for v in value) else [value]
+    groups = []
+    for g, raw in enumerate(raw_groups):
+        if len(raw) < 2:
+            raise CaptionerError(f"{at} (group {g}): needs at least 2 entries to swap, got {raw}")
+        groups.append([_parse_entry(item, f"{at} (group {g})") for item in raw])
+    return groups
+
+
+def _parse_entry(item: object, at: str) -> Entry:
+    if not isinstance(item, str):
+        raise CaptionerError(f"{at}: entry {item!r} is not a string")
+    variants = tuple(" ".join(v.split()) for v in item.split(VARIANT_SEPARATOR))
+    if not all(phrase_key(v) for v in variants):
+        raise CaptionerError(f"{at}: entry {item!r} has an empty phrase")
+    return variants
+
+
+# --- settings ---------------------------------------------------------------------------------
+
+
+@dataclass
+class PerturbSettings:
+    """How pseudo-initial captions are made (the `train.perturb` config section)."""
+
+    # rules: RulePerturber; llm: the reader LLM proposes edits (pipeline.perturb), checked
+    # here and replaced by the rules' when they fail.
+    source: Literal["rules", "llm"] = "rules"
+    min_edits: int = 1
+    max_edits: int = 3
+    # |len(perturbed) - len(original)| / len(original) at most this: length must not give
+    # a perturbed caption away.
+    max_length_change: float = 0.15
+    # A JSON file in the WordLists form; null: WordLists.default().
+    word_lists: str | None = None
+    kinds: list[str] = field(default_factory=lambda: list(KINDS))
+    # Subtypes whose words may repeat in a caption (e.g. "size" in a world where two objects
+    # can share one): a replacement there may name a word the caption already holds, since
+    # real captions repeat them too. Elsewhere a repeat would give the perturbation away.
+    repeatable: list[str] = field(default_factory=list)
+    llm_temperature: float = 0.7
+    llm_max_tokens: int = 256
+
+    def validate(self) -> None:
+        """Raise ValueError naming the field when a value is out of range."""
+        where = "train.perturb"
+        if self.source not in ("rules", "llm"):
+            raise ValueError(f"{where}.source must be 'rules' or 'llm', got {self.source!r}")
+        if self.min_edits < 1:
+            raise ValueError(f"{where}.min_edits must be >= 1, got {self.min_edits}")
+        if self.max_edits < self.min_edits:
+            raise ValueError(
+                f"{where}.max_edits must be >= min_edits ({self.min_edits}), got {self.max_edits}"
+            )
+        if not 0.0 <= self.max_length_change <= 1.0:
+            raise ValueError(
+                f"{where}.max_length_change must be in [0, 1], got {self.max_length_change}"
+            )
+        unknown = [k for k in self.kinds if k not in KINDS]
+        if not self.kinds or unknown or len(set(self.kinds)) != len(self.kinds):
+            raise ValueError(
+                f"{where}.kinds must be distinct kinds out of {', '.join(KINDS)}, got {self.kinds}"
+            )
+        if self.llm_temperature < 0:
+            raise ValueError(f"{where}.llm_temperature must be >= 0, got {self.llm_temperature}")
+        if self.llm_max_tokens < 16:
+            raise ValueError(f"{where}.llm_max_tokens must be >= 16, got {self.llm_max_tokens}")
+        if self.word_lists is not None and not self.word_lists.strip():
+            raise ValueError(f"{where}.word_lists must be a file path or null, got ''")
+
+
+def load_word_lists(settings: PerturbSettings) -> WordLists:
+    """The word lists `settings` names (the defaults when `word_lists` is null)."""
+    if settings.word_lists is None:
+        return WordLists.default()
+    return WordLists.from_json(settings.word_lists)
+
+
+def check_kinds(kinds: Sequence[str]) -> list[str]:
+    unknown = [k for k in kinds if k not in KINDS]
+    if not kinds or unknown:
+        raise ValueError(f"kinds must be out of {', '.join(KINDS)}, got {list(kinds)}")
+    return list(kinds)
+
+
+# --- the rule-based perturber ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Match:
+    start: int
+    end: int
+    form: Form
+
+
+class RulePerturber:
+    """Swaps listed phrases of a caption for others of their group (see the module doc)."""
+
+    def __init__(self, words: WordLists, settings: PerturbSettings) -> None:
+        settings.validate()
+        self.words = words
+        self.settings = settings
+
+    # --- finding phrases ---------------------------------------------------------------
+    def _all_matches(self, caption: str) -> list[_Match]:
+        """Every listed phrase at every position (overlapping), whole words only."""
+        toks = tokens(caption)
+        found = []
+        for i in range(len(toks)):
+            for j in range(i, min(i + self.words.max_words, len(toks))):
+                if j > i and not caption[toks[j - 1].end() : toks[j].start()].isspace():
+                    break  # punctuation between words: no phrase spans it
+                key = tuple(t.group().lower() for t in toks[i : j + 1])
+                form = self.words.index.get(key)
+                if form is not None and not self._is_noun_use(caption, toks, j, form):
+                    form = self._number(toks, i, form)
+                    found.append(_Match(toks[i].start(), toks[j].end(), form))
+        return found
+
+    def _is_noun_use(self, caption: str, toks: list[re.Match[str]], j: int, form: Form) -> bool:
+        """An adjective followed by "of" is a noun here ("a glass of water"): not an attribute."""
+        if form.kind != "attribute" or form.subtype == "count" or j + 1 >= len(toks):
+            return False
+        gap = caption[toks[j].end() : toks[j + 1].start()]
+        return gap.isspace() and toks[j + 1].group().lower() == "of"
+
+    def _number(self, toks: list[re.Match[str]], i: int, form: Form) -> Form:
+        """An invariant noun ("sheep") after a count or "several" is plural."""
+        if form.kind != "entity" or form.plural or i == 0:
+            return form
+        if toks[i - 1].group().lower() not in _PLURAL_CUES:
+            return form
+        variant = self.words.group(form)[form.entry][0]
+        if pluralize(variant) != variant:
+            return form
+        return Form(form.kind, form.subtype, form.group, form.entry, True)
+
+    def _resolved(self, caption: str, kinds: Sequence[str]) -> list[_Match]:
+        """Longest phrases first, non-overlapping, then only `kinds`; in caption order.
+
+        Overlaps are settled over all kinds before filtering, so a restricted run never
+        edits a part of a longer phrase of another kind ("glass" in "wine glass")."""
+        chosen: list[_Match] = []
+        for m in sorted(self._all_matches(caption), key=lambda m: (m.start - m.end, m.start)):
+            if all(m.end <= c.start or m.start >= c.end for c in chosen):
+                chosen.append(m)
+        return sorted((m for m in chosen if m.form.kind in kinds), key=lambda m: m.start)
+
+    def candidates(
+        self, caption: str, kinds: Sequence[str] | None = None
+    ) -> list[tuple[int, int, str, str]]:
+        """(start, end, kind, subtype) of every listed phrase found (case-insensitive, whole
+        words, longest match first, non-overlapping), of `kinds` (default: settings.kinds)."""
+        kinds = check_kinds(kinds if kinds is not None else self.settings.kinds)
+        return [
+            (m.start, m.end, m.form.kind, m.form.subtype) for m in self._resolved(caption, kinds)
+        ]
+
+    # --- replacing -------------------------------------------------------------------
+    def perturb(
+        self,
+        caption: str,
+        rng: random.Random,
+        kinds: Sequence[str] | None = None,
+        n_edits: int | None = None,
+    ) -> Perturbation | None:
+        """`n_edits` edits (default: uniform in [min_edits, max_edits]), fewer when the
+        caption has fewer replaceable phrases; None when nothing can be perturbed."""
+        kinds = check_kinds(kinds if kinds is not None else self.settings.kinds)
+        if n_edits is not None and n_edits < 1:
+            raise ValueError(f"n_edits must be >= 1, got {n_edits}")
+        found = self._resolved(caption, kinds)
+        if not found:
+            return None
+        want = n_edits or rng.randint(self.settings.min_edits, self.settings.max_edits)
+        rng.shuffle(found)
+        edits: list[Edit] = []
+        for match in found:
+            if len(edits) == want:
+                break
+            edit = self._replace(caption, match, edits, rng)
+            if edit is not None:
+                edits.append(edit)
+        if not edits:
+            return None
+        edits.sort(key=lambda e: e.start)
+        return Perturbation(caption, apply_edits(caption, edits), tuple(edits), "rules")
+
+    def _replace(
+        self, caption: str, match: _Match, chosen: list[Edit], rng: random.Random
+    ) -> Edit | None:
+        """An edit of `match` by another entry of its group that keeps every rule, or None."""
+        form = match.form
+        present = _ngrams(apply_edits(caption, chosen), self.words.max_words)
+        budget = self.settings.max_length_change * len(caption)
+        used = sum(len(e.replacement) - len(e.original) for e in chosen)
+        options: list[list[Edit]] = []
+        for e, variants in enumerate(self.words.group(form)):
+            repeats = form.subtype not in self.settings.repeatable and any(
+                phrase_key(text) in present for text, _ in self.words.forms(form.kind, variants)
+            )
+            if e == form.entry or repeats:
+                continue  # the same meaning, or one the caption already names
+            edits = []
+            for variant in variants:
+                text = pluralize(variant) if form.plural else variant
+                start, original, replacement = localize(caption, match.start, match.end, text)
+                edit = Edit(form.kind, form.subtype, start, match.end, original, replacement)  # type: ignore[arg-type]
+                if abs(used + len(replacement) - len(original)) <= budget and not _overlaps(
+                    edit, chosen
+                ):
+                    edits.append(edit)
+            if edits:
+                options.append(edits)
+        return rng.choice(rng.choice(options)) if options else None
+
+
+def _ngrams(text: str, n: int) -> set[tuple[str, ...]]:
+    """Every word sequence of up to `n` words in `text` (lower case)."""
+    words = [t.group().lower() for t in tokens(text)]
+    return {tuple(words[i : i + k]) for i in range(len(words)) for k in range(1, n + 1)}
+
+
+def _overlaps(edit: Edit, others: Sequence[Edit]) -> bool:
+    return any(edit.start < o.end and o.start < edit.end for o in others)
+
+
+# --- applying and validating edits ------------------------------------------------------------
+
+
+def apply_edits(caption: str, edits: Sequence[Edit]) -> str:
+    """`caption` with every edit applied (non-overlapping spans, applied right to left)."""
+    ordered = sorted(edits, key=lambda e: e.start)
+    for a, b in zip(ordered, ordered[1:], strict=False):
+        if b.start < a.end:
+            raise CaptionerError(f"edits overlap: {a} and {b}")
+    out = caption
+    for edit in reversed(ordered):
+        if caption[edit.start : edit.end] != edit.original:
+            raise CaptionerError(
+                f"edit {edit} does not match the caption: span holds "
+                f"{caption[edit.start : edit.end]!r}"
+            )
+        out = out[: edit.start] + edit.replacement + out[edit.end :]
+    return out
+
+
+def reason_category(reason: str) -> str:
+    """The category of a rejection reason ("not found: edit 2 ..." -> "not found")."""
+    return reason.split(":", 1)[0]
+
+
+def validate_edits(
+    caption: str,
+    proposed: Sequence[Mapping[str, Any]],
+    settings: PerturbSettings,
+    words: WordLists | None = None,
+) -> tuple[list[Edit], str | None]:
+    """Edits as an LLM proposes them ({"kind", "original", "replacement"} + optional
+    "subtype") -> (edits, None) when valid, ([], reason) when not.
+
+    Each `original` is looked up in the caption (whole words; exact case first; the first
+    occurrence no earlier edit uses becomes its span); the replacement gets the first
+    letter's case and the article fix of the rules. A reason reads "<category>: <detail>".
+    """
+    if not isinstance(proposed, (list, tuple)) or not proposed:
+        return [], f"no edits: got {proposed!r}"
+    if len(proposed) > settings.max_edits:
+        return [], f"too many edits: {len(proposed)} > max_edits {settings.max_edits}"
+    edits: list[Edit] = []
+    for number, item in enumerate(proposed, 1):
+        edit = _proposed_edit(caption, item, number, settings, words, edits)
+        if isinstance(edit, str):
+            return [], edit
+        edits.append(edit)
+    change = abs(sum(len(e.replacement) - len(e.original) for e in edits))
+    if change > settings.max_length_change * len(caption):
+        return [], (
+            f"length change: {change} characters is {change / max(len(caption), 1):.0%} of "
+            f"the caption > max_length_change {settings.max_length_change:.0%}"
+        )
+    edits.sort(key=lambda e: e.start)
+    if apply_edits(caption, edits) == caption:
+        return [], "no change: the edits leave the caption as it was"
+    return edits, None
+
+
+def _proposed_edit(
+    caption: str,
+    item: object,
+    number: int,
+    settings: PerturbSettings,
+    words: WordLists | None,
+    taken: list[Edit],
+) -> Edit | str:
+    """One proposed edit checked and placed, or the reason it is rejected."""
+    fields = ("kind", "original", "replacement")
+    if not isinstance(item, Mapping) or not all(isinstance(item.get(f), str) for f in fields):
+        return f"malformed edit: edit {number} needs string fields {fields}, got {item!r}"
+    kind, original, replacement = (item[f].strip() for f in fields)
+    if kind not in settings.kinds:
+        return f"unknown kind: edit {number} kind {kind!r} is not one of {settings.kinds}"
+    if not original or not replacement:
+        return f"empty phrase: edit {number} {original!r} -> {replacement!r}"
+    if original.lower() == replacement.lower():
+        return f"identical replacement: edit {number} {original!r} -> {replacement!r}"
+    spans = _occurrences(caption, original)
+    if not spans:
+        return f"not found: edit {number} original {original!r} is not in the caption"
+    for start, end in spans:
+        at, old, new = localize(caption, start, end, replacement)
+        edit = Edit(kind, _subtype(item, kind, original, words), at, end, old, new)  # type: ignore[arg-type]
+        if not _overlaps(edit, taken):
+            return edit
+    return f"overlap: edit {number} {original!r} overlaps another edit"
+
+
+def _occurrences(caption: str, phrase: str) -> list[tuple[int, int]]:
+    """Whole-word spans of `phrase`: exact-case ones, else case-insensitive ones."""
+    pattern = r"(?<![\w'’-])" + re.escape(phrase) + r"(?![\w'’-])"
+    for flags in (0, re.IGNORECASE):
+        spans = [m.span() for m in re.finditer(pattern, caption, flags)]
+        if spans:
+            return spans
+    return []
+
+
+def _subtype(item: Mapping[str, Any], kind: str, original: str, words: WordLists | None) -> str:
+    """The proposal's own subtype, else the word lists', else the kind's default."""
+    given = item.get("subtype")
+    if isinstance(given, str) and given.strip():
+        return given.strip()
+    form = words.index.get(phrase_key(original)) if words is not None else None
+    if form is not None and form.kind == kind:
+        return form.subtype
+    return DEFAULT_SUBTYPE[kind]
