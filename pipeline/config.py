@@ -19,6 +19,7 @@ from typing import Any, Literal
 import yaml
 
 from captioner.settings import CaptionerSettings
+from captioner.train_settings import TrainSettings
 from pipeline.errors import ConfigError
 from qa.settings import ReaderSettings
 
@@ -118,6 +119,7 @@ class Config:
     captioner: CaptionerSettings = field(default_factory=CaptionerSettings)
     reader: ReaderSettings = field(default_factory=ReaderSettings)
     ray: RaySettings = field(default_factory=RaySettings)
+    train: TrainSettings = field(default_factory=TrainSettings)
     cache: CacheSettings = field(default_factory=CacheSettings)
     outputs: OutputSettings = field(default_factory=OutputSettings)
 
