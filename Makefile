@@ -11,8 +11,8 @@ ARGS ?=
 export VLLM_CACHE_ROOT ?= $(CURDIR)/.cache/vllm
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: help install demo test lint videoqa serve-reader bench-decode bench-captioner \
-	bench-reader bench-pipeline bench-captioners compare clean
+.PHONY: help install demo test lint videoqa serve-reader train bench-decode bench-captioner \
+	bench-reader bench-pipeline bench-captioners bench-learn compare clean
 
 help:  ## list the commands
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
@@ -38,6 +38,9 @@ videoqa: install  ## answer a dataset's questions: make videoqa DATASET=egoschem
 serve-reader: install  ## start the reader's vLLM server by hand (reader.* keys in config.yaml)
 	$(PY) -m pipeline serve-reader $(ARGS)
 
+train: install  ## train one MM-SeR stage: make train ARGS="--stage align --set train.data.train=[...]"
+	$(PY) -m pipeline train $(ARGS)
+
 bench-decode: install  ## decord sampling speed, Ray vs serial, memory per worker
 	$(PY) -m benchmarks.decode $(ARGS)
 
@@ -56,6 +59,9 @@ compare: install  ## one table from several runs: make compare RUNS="runs/a runs
 
 bench-captioners: install  ## all four captioners timed on the same frames (make bench-captioners ARGS="--device cuda")
 	$(PY) -m benchmarks.captioners $(ARGS)
+
+bench-learn: install  ## does refinement learn to correct by looking? 3 seeds on the synthetic world (~30 min)
+	$(PY) -m benchmarks.learn $(ARGS)
 
 clean:  ## remove generated data, runs and results (keeps .venv)
 	rm -rf data runs benchmarks/results .cache

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU timings the CPU machines cannot give (issues #3 and #7), as one prepared run for
+# The GPU timings the CPU machines cannot give (issues #3, #7 and #12), as one prepared run for
 # a session that is lent a device machine (an H100/H200 with its own PyTorch and
 # transformers, no network, no vLLM). Results land in $OUT.
 #
@@ -26,4 +26,7 @@ timeout 240 python3 -m benchmarks.captioner --device cuda --out "$OUT/captioner_
 # All four captioners at real size (LLaVA-1.5-7B included), the paper's Time column.
 timeout 240 python3 -m benchmarks.captioners --device cuda --out "$OUT" \
     2>&1 | tee "$OUT/captioners_cuda.log"
+# Training throughput of the three stages at real size (samples/s, tokens/s, peak memory).
+timeout 150 python3 -m benchmarks.train_throughput --device cuda \
+    --out "$OUT/train_throughput.json" 2>&1 | tee "$OUT/train_throughput.log"
 ls -la "$OUT"
