@@ -70,7 +70,7 @@ class Budget:
     vision_steps: int = 2000
     text_steps: int = 300
     align_steps: int = 150
-    caption_steps: int = 900
+    caption_steps: int = 600
     refine_steps: int = 900
     batch_size: int = 32
     learning_rate: float = 1e-3
@@ -99,7 +99,7 @@ def train_overrides(world: Any, out: Path, budget: Budget, seed: int) -> list[st
         # have both, so length gives nothing away. Two objects may share a size.
         "train.perturb.max_length_change=0.3", "train.perturb.repeatable=[size]",
         "train.pairs.perturbed=0.5", "train.pairs.identity=0.3", "train.pairs.own=0.2",
-        "train.pairs.own_max=null", "train.max_caption_tokens=24",
+        "train.pairs.own_max=1500", "train.pairs.erase=0.3", "train.max_caption_tokens=24",
         "captioner.generation.max_new_tokens=24",
         "train.connector={connector_hidden_size: 64, connector_num_layers: 2, "
         "connector_num_heads: 2, num_refine_tokens: 8, connector_layers: [1, 2, 3, 4]}",

@@ -262,7 +262,8 @@ class MMSeRCaptioner(Captioner):
             rows = state.rows.tolist()
             # Adaptive stop: a frame whose caption this pass left unchanged is done.
             changed = torch.tensor(
-                [texts[i] != captions[r] for i, r in enumerate(rows)], device=self.device
+                [texts[i].strip() != captions[r].strip() for i, r in enumerate(rows)],
+                device=self.device,
             )
             for i, r in enumerate(rows):
                 captions[r] = texts[i]

@@ -320,10 +320,19 @@ class MMSeRTrainingOutput(ModelOutput):
     refine_logits: torch.Tensor | None = None  # (B, Tt, V) at the refined caption's
 
 
-def _token_loss(logits: torch.Tensor, targets: torch.Tensor, eos_token_id: int) -> torch.Tensor:
+def _token_loss(
+    logits: torch.Tensor, targets: torch.Tensor, eos_token_id: int,
+    rows: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Mean cross-entropy over each caption's tokens and its EOS (padding after EOS ignored).
-    logits (B, T, V) at the positions predicting targets (B, T)."""
-    labels = targets.masked_fill(label_mask(targets, eos_token_id) == 0, -100)
+    logits (B, T, V) at the positions predicting targets (B, T); `rows` (B,) bool keeps
+    only some rows (None: all)."""
+    keep = label_mask(targets, eos_token_id).bool()
+    if rows is not None:
+        keep = keep & rows.bool()[:, None]
+    labels = targets.masked_fill(~keep, -100)
+    if not bool(keep.any()):  # no row counts: a zero that still has a gradient
+        return logits.sum() * 0.0
     return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
 
 
@@ -772,10 +781,16 @@ class MMSeRForConditionalGeneration(LlavaForConditionalGeneration):
         coarse_mask = caption_mask(coarse_ids, eos_token_id)
         seq = torch.cat([prompt_embeds, embed(coarse_ids)], dim=1)
         seq_mask = torch.cat([prompt_mask, coarse_mask], dim=1)
+        lm = self.model.language_model
+        was_training = lm.training
         with torch.no_grad():
+            lm.eval()  # as at inference: no dropout in what the connector reads
             keys = _StateRecorder(self._key_modules(), start=0)
-            with _StateRecorder(self._recorded_modules(), start=P) as recorder, keys:
-                self._lm_hidden(seq.detach(), seq_mask)
+            try:
+                with _StateRecorder(self._recorded_modules(), start=P) as recorder, keys:
+                    self._lm_hidden(seq.detach(), seq_mask)
+            finally:
+                lm.train(was_training)
             recorded = recorder.outputs()
             saliency = self.attention_saliency(
                 recorded[:-1], self._recorded_keys(keys.outputs()), seq_mask, P, image_pos,
@@ -804,6 +819,7 @@ class MMSeRForConditionalGeneration(LlavaForConditionalGeneration):
         target_ids: torch.Tensor | None = None,
         instruction_ids: torch.Tensor | None = None,
         caption_weight: float = 1.0,
+        caption_rows: torch.Tensor | None = None,
         return_logits: bool = False,
         **unused,
     ) -> MMSeRTrainingOutput:
@@ -813,7 +829,9 @@ class MMSeRForConditionalGeneration(LlavaForConditionalGeneration):
         caption_ids (B, T) EOS-terminated ground-truth captions (the caption loss: stages
         align and caption, and the refine stage's guard against the coarse pass drifting);
         coarse_ids (B, Tc) / target_ids (B, Tt) / instruction_ids (I,) or (B, I): the
-        refinement pairs (refine stage). EOS is `config.text_config.eos_token_id`.
+        refinement pairs (refine stage); caption_rows (B,) bool: the rows the caption loss
+        is taken on (an image whose objects were erased by augmentation has a caption it no
+        longer shows). EOS is `config.text_config.eos_token_id`.
         """
         eos = self.config.text_config.eos_token_id
         if eos is None:
@@ -824,7 +842,7 @@ class MMSeRForConditionalGeneration(LlavaForConditionalGeneration):
         total = None
         if caption_ids is not None:
             logits = self.caption_forward(prompt_embeds, caption_ids, eos)
-            out.caption_loss = _token_loss(logits, caption_ids, eos)
+            out.caption_loss = _token_loss(logits, caption_ids, eos, caption_rows)
             out.caption_logits = logits if return_logits else None
             total = caption_weight * out.caption_loss
         if coarse_ids is not None:

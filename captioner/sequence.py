@@ -94,19 +94,6 @@ def label_mask(tokens: torch.Tensor, eos_token_id: int) -> torch.Tensor:
     return ((is_eos.cumsum(1) - is_eos) == 0).long()
 
 
-def labels_for(tokens: torch.Tensor, eos_token_id: int) -> torch.Tensor:
-    """(B, T) targets with -100 after each caption's EOS (no loss on padding)."""
-    return tokens.masked_fill(label_mask(tokens, eos_token_id) == 0, -100)
-
-
-def opt_positions(mask: torch.Tensor) -> torch.Tensor:
-    """(B, L) attention mask -> OPT's position ids (before its +2 offset): unmasked
-    positions are numbered 0, 1, 2, ... skipping holes; what OPT computes itself from a
-    mask, and what `generate` feeds it."""
-    return (mask.long().cumsum(1) * mask.long() - 1).clamp_min(0)
-
-
 __all__ = [
     "SequenceLayout", "build_layout", "caption_mask", "encode_captions", "label_mask",
-    "labels_for", "opt_positions",
 ]  # fmt: skip

@@ -10,7 +10,9 @@ demo captioner), this stage STANDS IN FOR PRETRAINING:
 - the vision tower learns the world's labels from its patch features at the layer the
   projector reads: per patch, the shape, colour and size of the object covering it; per
   image, the relation and the background;
-- the language model learns the world's caption text (causal LM loss).
+- the language model learns the world's caption text (causal LM loss): text only, drawn
+  from the world's whole grammar, so, like a pretrained LM that knows "a red triangle" is
+  English, it has read colour-shape pairs that no training image shows.
 
 Both run through transformers' Trainer and are saved back into their component folders,
 which then play the part of the hub checkpoints. This is not part of MM-SeR's recipe.
@@ -227,10 +229,11 @@ def pretrain_components(
     train: Sequence[CaptionSample], val: Sequence[CaptionSample],
     vision_steps: int = 400, text_steps: int = 200, batch_size: int = 64,
     vision_lr: float = 3e-3, text_lr: float = 2e-3, seed: int = 0, workers: int = 0,
-    feature_layer: int = -2,
+    feature_layer: int = -2, text: Sequence[str] | None = None,
 ) -> StandInReport:
-    """Train the tiny vision tower on the world's slots and the tiny LM on its captions,
-    and save both back into their folders. Returns the validation figures."""
+    """Train the tiny vision tower on the world's labels and the tiny LM on caption text
+    (`text`, default the training captions), and save both back into their folders.
+    Returns the validation figures."""
     import time
 
     t0 = time.perf_counter()
@@ -256,7 +259,8 @@ def pretrain_components(
         trainer = Trainer(
             model=lm,
             args=_arguments(tmp, text_steps, batch_size, text_lr, seed, 0),
-            train_dataset=_TextData([s.captions[0] for s in train]),
+            train_dataset=_TextData(list(text) if text is not None
+                                    else [s.captions[0] for s in train]),
             eval_dataset=_TextData([s.captions[0] for s in val]),
             data_collator=_TextCollator(tokenizer),
         )

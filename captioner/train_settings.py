@@ -55,6 +55,12 @@ class RefinePairs:
     # A JSONL from `mmser perturb` (llm or rules); null: rules on the fly, a new draw each
     # time an image comes round.
     perturbations: str | None = None
+    # Share of training pairs whose image gets a random box replaced by noise (random
+    # erasing). The pair's target still describes the whole image, so what the box hides
+    # can only come from the input caption: it teaches the refinement to keep what the
+    # image does not contradict. Such rows are left out of the caption loss. 0: off.
+    erase: float = 0.0
+    erase_area: list[float] = field(default_factory=lambda: [0.1, 0.3])  # box area range
 
     def validate(self) -> None:
         shares = (self.perturbed, self.identity, self.own)
@@ -63,6 +69,11 @@ class RefinePairs:
                 f"train.pairs shares must be >= 0 with a positive sum, got perturbed "
                 f"{self.perturbed}, identity {self.identity}, own {self.own}"
             )
+        if not 0.0 <= self.erase <= 1.0:
+            raise ValueError(f"train.pairs.erase must be in [0, 1], got {self.erase}")
+        if len(self.erase_area) != 2 or not 0 < self.erase_area[0] <= self.erase_area[1] < 1:
+            raise ValueError(f"train.pairs.erase_area must be [low, high] in (0, 1), "
+                             f"got {self.erase_area}")
         if self.own_max is not None and self.own_max < 1:
             raise ValueError(f"train.pairs.own_max must be null or >= 1, got {self.own_max}")
 
@@ -142,7 +153,13 @@ class TrainSettings:
             if bad or not self.trainable:
                 raise ValueError(f"train.trainable: unknown or empty {bad or self.trainable}; "
                                  f"parts: {', '.join(PARTS)}")
-        if self.select_best and self.save_steps % self.eval_steps:
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ValueError(f"train.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        self.pairs.validate()
+        self.perturb.validate()
+        for source in (*self.data.train, *self.data.eval):
+            source.validate()
+        if self.select_best and self.data.eval and self.save_steps % self.eval_steps:
             raise ValueError(
                 f"train.save_steps ({self.save_steps}) must be a multiple of train.eval_steps "
                 f"({self.eval_steps}) when train.select_best is true"

@@ -24,6 +24,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import os
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -44,7 +45,7 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
-from captioner.base import image_backend
+from captioner.base import checkpoint_fingerprint, image_backend
 from captioner.configuration_mmser import MMSeRConfig
 from captioner.modeling_mmser import MMSeRForConditionalGeneration
 from captioner.perturb import RulePerturber, load_word_lists
@@ -165,12 +166,26 @@ def model_parts(model: MMSeRForConditionalGeneration) -> dict[str, nn.Module | N
     }
 
 
+def deepest_vision_layer(model: MMSeRForConditionalGeneration) -> int:
+    """How many CLIP blocks feed the LM: the projector reads hidden state
+    `vision_feature_layer` (-2: all but the last block), the connector its
+    `connector_layers`; blocks after the deepest of them get no gradient."""
+    cfg = model.config
+    count = cfg.vision_config.num_hidden_layers
+    used = [cfg.vision_feature_layer % (count + 1)]
+    if model.ser_connector is not None:
+        used += [i % (count + 1) for i in cfg.connector_layers]
+    return max(used)
+
+
 def set_trainable(
     model: MMSeRForConditionalGeneration, parts: Sequence[str], vision_blocks: int = 0
 ) -> dict[str, int]:
-    """Freeze everything but `parts` (and the vision tower's last `vision_blocks` blocks);
-    returns the trainable parameter count per part. The LM head is tied to OPT's input
-    embeddings, so it trains with the language model."""
+    """Freeze everything but `parts` (and the vision tower's last `vision_blocks` blocks that
+    feed the LM); returns the trainable parameter count per part. The LM head is tied to
+    OPT's input embeddings, so it trains with the language model. Vision blocks past the
+    deepest layer read, and CLIP's post-layernorm (only its pooled output uses it), stay
+    frozen whatever `parts` says: they would get no gradient, which DDP refuses."""
     model.requires_grad_(False)
     modules = model_parts(model)
     for part in parts:
@@ -179,10 +194,15 @@ def set_trainable(
             raise CaptionerError(f"train.trainable names {part!r}, but this model has none "
                                  "(a simple model has no SeR-Connector: stage refine adds it)")
         module.requires_grad_(True)
+    tower = model.model.vision_tower
+    deepest = deepest_vision_layer(model)
+    layers = tower.encoder.layers
     if vision_blocks:
-        layers = model.model.vision_tower.vision_model.encoder.layers
-        for layer in layers[-vision_blocks:]:
+        for layer in layers[max(0, deepest - vision_blocks) : deepest]:
             layer.requires_grad_(True)
+    for layer in layers[deepest:]:
+        layer.requires_grad_(False)
+    tower.post_layernorm.requires_grad_(False)
     counts = {
         name: sum(p.numel() for p in module.parameters() if p.requires_grad)
         for name, module in modules.items() if module is not None
@@ -271,8 +291,27 @@ class RefinePairDataset(Dataset):
                 coarse = made.perturbed if made is not None else truth
         if coarse.strip() == truth.strip():
             kind = "identity"
-        item.update(coarse=coarse, pair=kind)
+        item.update(coarse=coarse, pair=kind, erased=False)
+        if not self.fixed and rng.random() < self.shares.erase:
+            pixels = erase_box(item["pixel_values"], rng, self.shares.erase_area)
+            item.update(pixel_values=pixels, erased=True)
         return item
+
+
+def erase_box(pixels: torch.Tensor, rng: random.Random, area: Sequence[float]) -> torch.Tensor:
+    """A copy of `pixels` (C, H, W), as the vision tower sees them (after resize and crop),
+    with one random box (a share of the area drawn from `area`, aspect 1:2 to 2:1)
+    replaced by standard-normal noise (random erasing, in the normalised space)."""
+    _, H, W = pixels.shape
+    share, aspect = rng.uniform(*area), rng.uniform(0.5, 2.0)
+    h = max(1, min(H, round((share * H * W * aspect) ** 0.5)))
+    w = max(1, min(W, round((share * H * W / aspect) ** 0.5)))
+    top, left = rng.randint(0, H - h), rng.randint(0, W - w)
+    out = pixels.clone()
+    noise = torch.randn(pixels.shape[0], h, w, generator=torch.Generator().manual_seed(
+        rng.getrandbits(32)))
+    out[:, top : top + h, left : left + w] = noise.to(pixels.dtype)
+    return out
 
 
 def read_perturbations(path: str | Path) -> dict[str, list[str]]:
@@ -319,6 +358,7 @@ class RefineCollator(CaptionCollator):
         batch["target_ids"] = batch["caption_ids"]
         instruction = self.layout.instruction_tensor()
         batch["instruction_ids"] = instruction[None].expand(len(items), -1).clone()
+        batch["caption_rows"] = torch.tensor([not item.get("erased", False) for item in items])
         return batch
 
 
@@ -351,6 +391,18 @@ def own_captions(
 
     limit = settings.pairs.own_max
     chosen = list(samples)[:limit] if limit else list(samples)
+    # Captions of another starting model are stale: the files are keyed by its content.
+    stamp = out_dir / "own_captions.json"
+    start = start_checkpoint(settings)
+    key = {"start": checkpoint_fingerprint(str(start)) if start else None,
+           "max_new_tokens": settings.max_caption_tokens}
+    if rank == 0 and stamp.exists() and json.loads(stamp.read_text()) != key:
+        for old in out_dir.glob("own_captions.rank*.jsonl"):
+            old.unlink()
+    if barrier is not None:
+        barrier()
+    if rank == 0:
+        stamp.write_text(json.dumps(key))
     path = out_dir / f"own_captions.rank{rank}.jsonl"
     done = _read_own(path)
     todo = [s for s in chosen[rank::world] if s.id not in done]
@@ -359,6 +411,10 @@ def own_captions(
         own_settings.generation.max_new_tokens = settings.max_caption_tokens
         own_settings.generation.min_new_tokens = 0
         own_settings.generation.num_beams = 1
+        device = torch.device("cpu")
+        if torch.cuda.is_available() and settings.use_gpu is not False:
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        model.to(device)  # the Trainer moves it there anyway; captioning on CPU would crawl
         captioner_ = MMSeRCaptioner("simple", model, processor, tokenizer, own_settings)
         from tqdm.auto import tqdm
 
@@ -634,7 +690,7 @@ def train_stage(
         if eval_set is not None:
             eval_set = RefinePairDataset(eval_set, settings, {}, given, fixed=True)
         collator = RefineCollator(tokenizer, layout, settings.max_caption_tokens)
-        pair_kinds = _pair_mix(train_set)
+        pair_kinds = _pair_mix(train_set) if rank == 0 else {}
     model.train()
     trainer = MMSeRTrainer(
         model=model,
@@ -671,7 +727,7 @@ def train_stage(
     return result
 
 
-def _pair_mix(dataset: RefinePairDataset, draws: int = 200) -> dict[str, float]:
+def _pair_mix(dataset: RefinePairDataset, draws: int = 64) -> dict[str, float]:
     """The shares of pair kinds the training set actually yields (a sample of draws), so a
     share that cannot be met (no own captions, nothing to perturb) shows in the summary."""
     counts: dict[str, int] = {}

@@ -17,6 +17,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -61,19 +63,26 @@ def _train_on_ray(config: Config) -> StageResult:
     folder.mkdir(parents=True, exist_ok=True)
     # Each worker resolves relative paths from its own working directory: make them absolute.
     payload = _absolute_paths(config.to_dict())
+    # Ray Train V2 picks up a run of the same name where it stopped: that is
+    # train.resume=auto; `never` starts a run of its own.
+    name = f"train-{settings.stage}"
+    if settings.resume == "never":
+        name += time.strftime("-%Y%m%d-%H%M%S")
     with ray_session(config.ray):
         trainer = TorchTrainer(
             _worker_loop,
             train_loop_config={"config": payload},
             scaling_config=ScalingConfig(num_workers=settings.num_workers, use_gpu=gpu),
             run_config=RunConfig(
-                name=f"train-{settings.stage}",
+                name=name,
                 storage_path=str(folder / "ray"),
                 # A lost worker group restarts from the last reported checkpoint, once.
                 failure_config=FailureConfig(max_failures=1),
             ),
         )
         trainer.fit()
+    for restored in folder.glob("restored-*"):  # copies of Ray's checkpoints, now spent
+        shutil.rmtree(restored, ignore_errors=True)
     return StageResult(**json.loads((folder / "summary.json").read_text()))
 
 
@@ -101,32 +110,66 @@ def _absolute_paths(values: dict[str, Any]) -> dict[str, Any]:
     return values
 
 
+def _report_callback() -> Any:
+    """Ray's RayTrainReportCallback, with the checkpoint handed over by rank 0 only and
+    only once every rank has finished writing it: each rank of the stock callback copies
+    the newest checkpoint folder as soon as its own share is written, which can catch
+    rank 0's optimizer state half-written, and uploads N copies of one checkpoint."""
+    import ray.train
+    import torch.distributed as dist
+    from ray.train.huggingface.transformers import RayTrainReportCallback
+
+    class RankZeroReport(RayTrainReportCallback):
+        def on_save(self, args, state, control, **kwargs):  # noqa: ANN001
+            if dist.is_initialized():
+                dist.barrier()
+            if ray.train.get_context().get_world_rank() == 0:
+                return super().on_save(args, state, control, **kwargs)
+            metrics: dict[str, Any] = {}
+            for entry in state.log_history:
+                metrics.update(entry)
+            ray.train.report(metrics=metrics, checkpoint=None)
+
+    return RankZeroReport()
+
+
+def _restored_checkpoint(settings: Any, rank: int) -> str | None:
+    """The Trainer checkpoint inside Ray's restored checkpoint (when Ray restarts a failed
+    worker group, or picks up a run of the same name), copied next to the stage's own;
+    None when there is none or train.resume is never."""
+    import ray.train
+    from ray.train.huggingface.transformers import RayTrainReportCallback
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None or settings.resume == "never":
+        return None
+    with checkpoint.as_directory() as folder:
+        source = Path(folder) / RayTrainReportCallback.CHECKPOINT_NAME
+        if not (source / "trainer_state.json").is_file():
+            return None
+        step = json.loads((source / "trainer_state.json").read_text())["global_step"]
+        # Copied out of Ray's temporary view: the Trainer reads it after this block.
+        target = stage_dir(settings) / f"restored-step{step}-rank{rank}"
+        if not target.exists():
+            shutil.copytree(source, target)
+    return str(target)
+
+
 def _worker_loop(loop_config: dict[str, Any]) -> None:
     """One Ray Train worker: the same Trainer as a single process, told its rank."""
     import ray.train
     import torch.distributed as dist
-    from ray.train.huggingface.transformers import RayTrainReportCallback, prepare_trainer
+    from ray.train.huggingface.transformers import prepare_trainer
 
     config = config_from_dict(loop_config["config"])
     context = ray.train.get_context()
-    resume_from = None
-    checkpoint = ray.train.get_checkpoint()  # set when Ray restarts a failed worker group
-    if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
-            restored = Path(folder) / RayTrainReportCallback.CHECKPOINT_NAME
-            # Copy out of Ray's temporary view before the Trainer reads it lazily.
-            target = stage_dir(config.train) / f"restored-{context.get_world_rank()}"
-            if restored.is_dir() and not target.exists():
-                import shutil
-
-                shutil.copytree(restored, target)
-            resume_from = str(target) if target.exists() else None
+    rank = context.get_world_rank()
     train_stage(
         config.train, config.captioner,
-        callbacks=[RayTrainReportCallback()],
+        callbacks=[_report_callback()],
         prepare=prepare_trainer,
-        resume_from=resume_from,
-        rank=context.get_world_rank(),
+        resume_from=_restored_checkpoint(config.train, rank),
+        rank=rank,
         world=context.get_world_size(),
         barrier=dist.barrier if dist.is_initialized() else None,
     )

@@ -435,6 +435,13 @@ __all__ = [
 # --- a world ready for `mmser train` ------------------------------------------------------
 
 
+def text_corpus(spec: WorldSpec, n: int, seed: int) -> list[str]:
+    """`n` captions of random scenes from the world's whole grammar, held-out colour-shape
+    pairs included: text for the stand-in LM (no image goes with them)."""
+    rng = np.random.default_rng(seed)
+    return [caption(sample_scene(rng, spec, "include"), spec) for _ in range(n)]
+
+
 @dataclass
 class WorldComponents:
     """What `build_world` leaves: the data and the stage-0 components standing in for
@@ -463,7 +470,8 @@ def build_world(
     folder = root / "components" / f"seed-{seed}"
     stamp = folder / "built.json"
     params = {"sizes": asdict(WORLD_SIZES), "vision_steps": vision_steps,
-              "text_steps": text_steps, "seed": seed, "world": _spec_dict(spec)}
+              "text_steps": text_steps, "seed": seed, "world": _spec_dict(spec),
+              "text": "grammar"}
     params = _as_json(params)
     if components and not (stamp.exists() and json.loads(stamp.read_text()) == params):
         stamp.unlink(missing_ok=True)  # written again only once stage 0 has finished
@@ -471,7 +479,8 @@ def build_world(
         train = load_caption_source(DataSource("llava", str(root / "train.json"))).samples
         val = load_caption_source(DataSource("llava", str(root / "val.json"))).samples
         pretrain_components(vision_dir, text_dir, train, val, vision_steps=vision_steps,
-                            text_steps=text_steps, seed=seed)
+                            text_steps=text_steps, seed=seed,
+                            text=text_corpus(spec, len(train), seed=world_seed + 7))
         stamp.write_text(json.dumps(params))
     report_path = folder / "stand_in.json"
     report = json.loads(report_path.read_text()) if report_path.exists() else {}

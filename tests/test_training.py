@@ -219,3 +219,51 @@ def test_code_version_keys_the_cache(tiny_dir, tmp_path):
     cache = CaptionCache(tmp_path / "cache")
     sampling = sampling_identity(SamplingSettings())
     assert cache.key_for(video, sampling, ident) != cache.key_for(video, sampling, older)
+
+
+def test_erased_pairs_train_only_the_refinement(mmser, inputs):
+    """Random erasing hides part of the image; the caption loss leaves those rows out."""
+    import random as random_
+
+    from captioner.training import erase_box
+
+    pixels = torch.full((3, 40, 60), 0.5)
+    erased = erase_box(pixels, random_.Random(0), [0.2, 0.2])
+    changed = (erased != pixels).any(0).numpy()
+    assert 0.1 < changed.mean() <= 0.21 and bool((pixels == 0.5).all())  # a copy, one box
+    ys, xs = changed.nonzero()
+    assert changed[ys.min():ys.max() + 1, xs.min():xs.max() + 1].mean() > 0.95  # a box
+    pixels, _ = inputs
+    items = [{"pixel_values": p, "caption": "a red cup", "coarse": "a blue cup",
+              "erased": i % 2 == 0} for i, p in enumerate(pixels)]
+    batch = RefineCollator(mmser.tokenizer, mmser.layout, 12)(items)
+    assert batch["caption_rows"].tolist() == [i % 2 == 1 for i in range(len(items))]
+    model = mmser.model
+    with torch.no_grad():
+        kept = model(**batch).caption_loss
+        every = model(**{**batch, "caption_rows": None}).caption_loss
+        odd = model(**{k: v[1::2] for k, v in batch.items() if k != "caption_rows"}).caption_loss
+    torch.testing.assert_close(kept, odd)  # only the rows that were not erased
+    assert not torch.isclose(kept, every)
+
+
+def test_vision_blocks_that_train_are_the_ones_feeding_the_lm(mmser):
+    """train.vision_trainable_blocks unfreezes the last blocks that the projector or the
+    connector read; later blocks and the post-layernorm would get no gradient (DDP fails)."""
+    from captioner.training import deepest_vision_layer
+
+    model = copy.deepcopy(mmser.model)
+    layers = model.model.vision_tower.encoder.layers
+    deepest = deepest_vision_layer(model)
+    set_trainable(model, ["projector"], vision_blocks=1)
+    trains = [any(p.requires_grad for p in layer.parameters()) for layer in layers]
+    assert trains == [i == deepest - 1 for i in range(len(layers))]
+    set_trainable(model, ["vision_tower", "connector"])
+    assert not any(p.requires_grad for p in model.model.vision_tower.post_layernorm.parameters())
+    pixels = torch.randn(2, 3, 32, 32)
+    batch = RefineCollator(mmser.tokenizer, mmser.layout, 12)(
+        [{"pixel_values": p, "caption": "a cat", "coarse": "a dog"} for p in pixels])
+    model.train()
+    model(**batch).loss.backward()
+    unused = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not unused, unused
