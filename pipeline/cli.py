@@ -7,6 +7,10 @@
     mmser captioners                    registered captioners, real-size parameter counts
     mmser compare RUN_DIR...            one table from several runs, like the paper's
     mmser serve-reader                  start the reader's vLLM server by hand
+    mmser train --stage align|caption|refine    train MM-SeR (train: section of the config)
+    mmser perturb OUT.jsonl             pseudo-initial captions of train.data.train (rules or LLM)
+    mmser caption IMAGE_OR_VIDEO...     print the coarse and refined captions of a few files
+    mmser world build OUT               a synthetic world's data and stage-0 components
     mmser config                        print the resolved config
 
 Every command takes `--config FILE` and any number of `--set key.sub=value` overrides.
@@ -85,10 +89,10 @@ def _free_port() -> int:
 
 # What `make demo` changes from config.yaml: tiny local models instead of the real ones,
 # and vLLM-on-CPU flags (DESIGN.md). Shown to the user before the run.
-def demo_overrides(models_dir: Path) -> list[str]:
+def demo_overrides(models_dir: Path, captioner: Path) -> list[str]:
     return [
         "captioner.name=mmser",
-        f"captioner.mmser.checkpoint={models_dir / 'mmser-tiny'}",
+        f"captioner.mmser.checkpoint={captioner}",
         "captioner.batch_size=16",
         "captioner.generation.max_new_tokens=16",
         f"reader.model={models_dir / 'reader-tiny'}",
@@ -122,6 +126,8 @@ def _show_one_question(config: Config, folder: Path) -> None:
     print(f"\none question, end to end ({answer['q_uid']}):")
     if record:
         for caption in record.captions[:3]:
+            if caption.coarse_caption is not None and caption.coarse_caption != caption.caption:
+                print(f"  coarse   {caption.timestamp:.0f}: {caption.coarse_caption[:84]}")
             print(f"  caption  {caption_line(caption)[:90]}")
         print(f"  ... {len(record.captions)} captions in all")
     probs = answer.get("option_probs") or []
@@ -131,9 +137,9 @@ def _show_one_question(config: Config, folder: Path) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Generate the demo dataset and tiny models once, then run videoqa on them."""
-    from captioner.tiny import build_tiny_checkpoint
-    from pipeline.demo_data import generate_demo_dataset
+    """Generate the demo dataset, train its captioner and build a tiny reader once, then
+    run videoqa on them."""
+    from pipeline.demo_data import generate_demo_dataset, train_demo_captioner
     from pipeline.run import run_videoqa
     from qa.tiny import build_tiny_reader
 
@@ -142,23 +148,26 @@ def cmd_demo(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     generate_demo_dataset(root)
     models = root / "models"
-    if not (models / "mmser-tiny" / "config.json").exists():
-        build_tiny_checkpoint(models / "mmser-tiny", refine=True)
+    if not (root / "captioner" / "refine" / "model" / "config.json").exists():
+        print("training the demo captioner on the demo world (once, a few minutes) ...")
+    captioner = train_demo_captioner(root, args.config)
     if not (models / "reader-tiny" / "config.json").exists():
         build_tiny_reader(models / "reader-tiny")
-    print(f"demo dataset and tiny models ready in {root} ({time.perf_counter() - t0:.1f} s)")
-    overrides = demo_overrides(models)
+    print(f"demo dataset, captioner and reader ready in {root} "
+          f"({time.perf_counter() - t0:.1f} s)")
+    overrides = demo_overrides(models, captioner)
     print("demo settings (on top of config.yaml):\n  " + "\n  ".join(overrides))
     print(
-        "NOTE: the demo's captioner and reader are tiny models with RANDOM weights, built "
-        "locally.\n      Their captions are gibberish and the answers are at chance level "
-        "(20%):\n      the demo shows the pipeline working, not the product's quality."
+        "NOTE: the demo's captioner is a tiny MM-SeR trained here by `mmser train` on the\n"
+        "      demo's synthetic world: its captions describe the frames of this world only.\n"
+        "      The reader is a tiny model with RANDOM weights: its answers are at chance\n"
+        "      level (20%). The demo shows the pipeline working, not the product's quality."
     )
     config = load_config(args.config, overrides + list(args.overrides))
     folder = run_videoqa(config, "demo", "mmser", new=False)
     _show_one_question(config, folder)
     print(f"demo finished in {time.perf_counter() - t0:.1f} s; outputs in {folder}")
-    print("(random-weights models: the accuracy above is chance level, not a quality figure)")
+    print("(random-weights reader: the accuracy above is chance level, not a quality figure)")
     return 0
 
 
@@ -255,6 +264,102 @@ def cmd_serve_reader(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from pipeline.train import describe, run_training
+
+    result = run_training(_config(args), args.stage)
+    print(describe(result))
+    return 0
+
+
+def cmd_perturb(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from captioner.train_data import load_caption_sources
+    from pipeline.perturb import perturb_captions
+
+    config = _config(args)
+    settings = config.train.perturb
+    if args.source:
+        settings = dataclasses.replace(settings, source=args.source)
+    if not config.train.data.train:
+        raise PipelineError("train.data.train is empty: name the captions to perturb there")
+    loaded = load_caption_sources(config.train.data.train, config.train.data.verify_images)
+    print(loaded.summary())
+    items = [
+        (sample.id if len(sample.captions) == 1 else f"{sample.id}~{k}", caption)
+        for sample in loaded.samples for k, caption in enumerate(sample.captions)
+    ][: args.limit]
+    report = perturb_captions(items, Path(args.out), settings, seed=config.train.seed,
+                              reader=config.reader)
+    print(report.summary())
+    print(f"use them in training: --set train.pairs.perturbations={args.out}")
+    return 0
+
+
+_VIDEO_SUFFIXES = {".mp4", ".mkv", ".webm", ".avi", ".mov"}
+
+
+def cmd_caption(args: argparse.Namespace) -> int:
+    """Caption a few images or videos' sampled frames and print coarse and refined text."""
+    import numpy as np
+    from PIL import Image
+
+    from captioner.base import build_captioner
+    from pipeline.frames import sample_video
+
+    config = _config(args)
+    name = args.captioner or config.captioner.name
+    options = {"checkpoint": args.checkpoint} if args.checkpoint else {}
+    captioner = build_captioner(config.captioner, name, **options)
+    failed = 0
+    for path in map(Path, args.paths):
+        try:
+            if path.suffix.lower() in _VIDEO_SUFFIXES:
+                sampled = sample_video(path, path.stem, config.sampling)
+                frames, labels = list(sampled.frames), [f"{t:.1f}s" for t in sampled.timestamps]
+            else:
+                with Image.open(path) as image:
+                    frames, labels = [np.asarray(image.convert("RGB"))], [""]
+        except Exception as exc:  # one unreadable file never stops the others
+            print(f"{path}: FAILED: {exc}")
+            failed += 1
+            continue
+        for i in range(0, len(frames), config.captioner.batch_size):
+            batch = captioner.caption_batch(frames[i : i + config.captioner.batch_size])
+            for label, result in zip(labels[i:], batch.results, strict=False):
+                where = f"{path}" + (f" @ {label}" if label else "")
+                if result.coarse_caption is not None:
+                    print(f"{where}\n  coarse:  {result.coarse_caption}\n"
+                          f"  refined: {result.caption} ({result.refine_passes} pass"
+                          f"{'es' if result.refine_passes != 1 else ''})")
+                else:
+                    print(f"{where}\n  caption: {result.caption}")
+    return 0 if failed < len(args.paths) else 1
+
+
+def cmd_world(args: argparse.Namespace) -> int:
+    from pipeline.world import WORLDS, build_world
+
+    splits = {"train": args.train, "val": args.val, "test": args.test}
+    world = build_world(args.out, WORLDS[args.preset], splits, seed=args.seed,
+                        vision_steps=args.vision_steps, text_steps=args.text_steps,
+                        components=not args.no_components)
+    print(f"world {args.preset} in {world.root}: " + ", ".join(
+        f"{k} {v}" for k, v in splits.items()) + " images")
+    if not args.no_components:
+        print(f"stage-0 components (standing in for pretrained CLIP / OPT): "
+              f"{world.vision_model}, {world.language_model}")
+        print(f"  validation: {world.stand_in}")
+        print("train on it: mmser train --stage align "
+              f"--set train.vision_model={world.vision_model} "
+              f"--set train.language_model={world.language_model} "
+              f"--set 'train.data.train=[{{format: llava, path: {world.root}/train.json}}]' "
+              f"--set 'train.data.eval=[{{format: llava, path: {world.root}/val.json}}]' "
+              f"--set train.perturb.word_lists={world.root}/word_lists.json")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mmser", description="Long-video question answering with the MM-SeR captioner.",
@@ -310,6 +415,42 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve-reader", help="start the reader's vLLM server and wait")
     _add_common(p)
     p.set_defaults(func=cmd_serve_reader)
+
+    p = sub.add_parser("train", help="train one MM-SeR stage (the config's train: section)")
+    _add_common(p)
+    p.add_argument("--stage", choices=("align", "caption", "refine"), default=None,
+                   help="default: train.stage")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("perturb", help="pseudo-initial captions of train.data.train to a JSONL")
+    _add_common(p)
+    p.add_argument("out", help="the JSONL to write (resumed when it exists)")
+    p.add_argument("--source", choices=("rules", "llm"), default=None,
+                   help="default: train.perturb.source (llm: the reader server)")
+    p.add_argument("--limit", type=int, default=None, help="only the first N captions")
+    p.set_defaults(func=cmd_perturb)
+
+    p = sub.add_parser("caption", help="caption images or videos' sampled frames, print them")
+    _add_common(p)
+    p.add_argument("paths", nargs="+", help="image files (png, jpg, ...) or videos")
+    p.add_argument("--captioner", default=None, help="default: captioner.name")
+    p.add_argument("--checkpoint", default=None, help="the captioner's checkpoint folder")
+    p.set_defaults(func=cmd_caption)
+
+    p = sub.add_parser("world", help="synthetic worlds for training evidence and the demo")
+    world_sub = p.add_subparsers(dest="world_command", required=True)
+    q = world_sub.add_parser("build", help="write a world's images and captions (+ stage 0)")
+    _add_common(q)
+    q.add_argument("out", help="the folder to write")
+    q.add_argument("--preset", choices=("learn", "demo"), default="learn")
+    q.add_argument("--train", type=int, default=4000, help="training images")
+    q.add_argument("--val", type=int, default=300, help="validation images")
+    q.add_argument("--test", type=int, default=1000, help="test images")
+    q.add_argument("--seed", type=int, default=0, help="the stage-0 models' seed")
+    q.add_argument("--vision-steps", type=int, default=400, help="stage-0 vision steps")
+    q.add_argument("--text-steps", type=int, default=200, help="stage-0 language steps")
+    q.add_argument("--no-components", action="store_true", help="only the data, no stage 0")
+    p.set_defaults(func=cmd_world)
 
     p = sub.add_parser("demo", help="run the pipeline on the bundled synthetic demo dataset")
     _add_common(p)

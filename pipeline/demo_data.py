@@ -1,9 +1,16 @@
-"""The bundled demo dataset: small synthetic videos in EgoSchema's layout, from a fixed seed.
+"""The bundled demo dataset: small synthetic videos in EgoSchema's layout, from a fixed seed,
+and the demo captioner trained on the same drawings.
 
 Each video is a sequence of scenes; a scene is a plain background with one coloured shape
-moving across it. Every question's answer follows from what is drawn (which colour came
-first, which shape came last, how many scenes), so a reader with good captions could get
-it right. Generated once under `data/demo/` and reused.
+moving across it, drawn by the synthetic world's renderer (`pipeline.world.DEMO_WORLD`).
+Every question's answer follows from what is drawn (which colour came first, which shape
+came last, how many scenes), so a reader with good captions could get it right. Generated
+once under `data/demo/` and reused.
+
+`train_demo_captioner` trains a tiny MM-SeR on still images of that world with
+`mmser train` (stage 0, align, caption, refine; a few minutes on 2 cores, cached beside
+the data), so the demo's captions describe its frames. It learned a synthetic world:
+that shows the pipeline and the training working, not real-world caption quality.
 """
 
 from __future__ import annotations
@@ -16,23 +23,14 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.synth import write_video
+from pipeline.world import DEMO_WORLD, WorldObject, WorldScene, render
 
-COLOURS: dict[str, tuple[int, int, int]] = {
-    "red": (220, 40, 40),
-    "green": (40, 180, 60),
-    "blue": (40, 80, 220),
-    "yellow": (235, 215, 40),
-    "purple": (140, 60, 180),
-    "orange": (240, 140, 30),
-    "white": (245, 245, 245),
-}
-BACKGROUNDS: dict[str, tuple[int, int, int]] = {
-    "grey": (110, 110, 110),
-    "black": (15, 15, 15),
-    "teal": (20, 90, 100),
-}
-SHAPES = ("circle", "square", "triangle")
-DEMO_VERSION = 1  # bump when the generator changes, so cached demo data is rebuilt
+COLOURS = DEMO_WORLD.colours
+BACKGROUNDS = DEMO_WORLD.backgrounds
+SHAPES = DEMO_WORLD.shapes
+# Bump when the generator changes, so cached demo data is rebuilt. 2: square frames drawn
+# by the world's renderer (the decoder resizes to 336 x 336 without distorting shapes).
+DEMO_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -45,22 +43,12 @@ class Scene:
 
 def _draw_scene_frame(scene: Scene, t: float, width: int, height: int) -> np.ndarray:
     """One frame of a scene at fraction t in [0, 1): the shape slides left to right."""
-    frame = np.empty((height, width, 3), dtype=np.uint8)
-    frame[:] = BACKGROUNDS[scene.background]
-    size = height // 3
-    cx = int(size + t * (width - 2 * size))
-    cy = height // 2 + int(0.2 * height * np.sin(2 * np.pi * t))
-    ys, xs = np.ogrid[:height, :width]
-    if scene.shape == "circle":
-        mask = (xs - cx) ** 2 + (ys - cy) ** 2 <= (size // 2) ** 2
-    elif scene.shape == "square":
-        mask = (abs(xs - cx) <= size // 2) & (abs(ys - cy) <= size // 2)
-    else:  # triangle pointing up
-        top = cy - size // 2
-        rows = ys - top
-        mask = (rows >= 0) & (rows <= size) & (abs(xs - cx) <= rows // 2)
-    frame[np.broadcast_to(mask, (height, width))] = COLOURS[scene.colour]
-    return frame
+    r = DEMO_WORLD.sizes[""] / 2  # radius, as a share of the height
+    margin = r * height / width
+    cx = margin + t * (1 - 2 * margin)
+    cy = 0.5 + 0.2 * np.sin(2 * np.pi * t)
+    obj = WorldObject(scene.shape, scene.colour, "", cx, cy)
+    return render(WorldScene((obj,), scene.background), DEMO_WORLD, width, height)
 
 
 def _frames(scenes: list[Scene], fps: float, width: int, height: int) -> Iterator[np.ndarray]:
@@ -102,7 +90,7 @@ def generate_demo_dataset(
     num_videos: int = 8,
     seconds: float = 30.0,
     fps: float = 10.0,
-    width: int = 192,
+    width: int = 144,
     height: int = 144,
     seed: int = 0,
 ) -> Path:
@@ -138,3 +126,49 @@ def generate_demo_dataset(
     (root / "subset_answers.json").write_text(json.dumps(answers, indent=1))
     stamp.write_text(json.dumps(params))
     return root
+
+
+# Stage-0 and training steps of the demo captioner (about 4 minutes on 2 cores).
+DEMO_TRAINING = {"images": 1500, "vision_steps": 800, "text_steps": 100, "align": 60,
+                 "caption": 350, "refine": 150}
+
+
+def train_demo_captioner(root: str | Path, config_path: str | None = None) -> Path:
+    """A tiny MM-SeR trained on the demo world through `mmser train`, under
+    root/captioner; returns its checkpoint folder (reused when already trained)."""
+    import dataclasses
+
+    from pipeline.config import load_config
+    from pipeline.train import describe, run_training
+    from pipeline.world import build_world
+
+    root = Path(root)
+    final = root / "captioner" / "refine" / "model"
+    stamp = root / "captioner" / "demo_training.json"
+    if (final / "config.json").exists() and stamp.exists() and \
+            json.loads(stamp.read_text()) == DEMO_TRAINING:
+        return final
+    n = DEMO_TRAINING
+    world = build_world(root / "world", DEMO_WORLD, {"train": n["images"], "val": 100},
+                        vision_steps=n["vision_steps"], text_steps=n["text_steps"])
+    overrides = [
+        f"train.vision_model={world.vision_model}",
+        f"train.language_model={world.language_model}",
+        f"train.output_dir={root / 'captioner'}",
+        f"train.data.train=[{{format: llava, path: {world.root}/train.json}}]",
+        f"train.data.eval=[{{format: llava, path: {world.root}/val.json}}]",
+        f"train.perturb.word_lists={world.root}/word_lists.json",
+        "train.learning_rate=0.001", "train.batch_size=32", "train.eval_steps=50",
+        "train.save_steps=50", "train.save_total_limit=1", "train.dataloader_workers=0",
+        "train.logging_steps=25", "train.max_caption_tokens=16",
+        "train.perturb.max_length_change=0.3", "train.pairs.own_max=500",
+        "captioner.generation.max_new_tokens=16",
+        "train.connector={connector_hidden_size: 64, connector_num_layers: 1, "
+        "connector_num_heads: 2, num_refine_tokens: 8, connector_layers: [1, 2, 3, 4]}",
+    ]
+    config = load_config(config_path, overrides)
+    for stage in ("align", "caption", "refine"):
+        steps = dataclasses.replace(config.train, max_steps=n[stage])
+        print(describe(run_training(dataclasses.replace(config, train=steps), stage)))
+    stamp.write_text(json.dumps(DEMO_TRAINING))
+    return final

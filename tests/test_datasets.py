@@ -143,7 +143,7 @@ def test_demo_dataset_is_valid_egoschema_and_reproducible(tmp_path: Path):
     assert all(q.answer is not None for q in ds.questions)
     assert (a / "questions.json").read_text() == (b / "questions.json").read_text()
     reader = decord.VideoReader(str(ds.videos["demo-000"].path))
-    assert len(reader) == 20 and reader[0].shape == (144, 192, 3)
+    assert len(reader) == 20 and reader[0].shape == (144, 144, 3)  # square: no distortion at 336
     del reader
     # A second call with the same settings reuses the files.
     mtime = (a / "questions.json").stat().st_mtime_ns
