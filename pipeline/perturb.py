@@ -47,9 +47,9 @@ from captioner.perturb import (
     validate_edits,
 )
 from pipeline.errors import DatasetError
-from qa.answers import _drop_torn_tail
+from qa.answers import JsonlWriter, drop_torn_tail
 from qa.prompts import fill
-from qa.reader import _MAX_BACKOFF_S, _RETRYABLE
+from qa.reader import MAX_BACKOFF_S, RETRYABLE
 from qa.server import ManagedServer
 from qa.settings import ReaderSettings
 
@@ -138,27 +138,8 @@ def read_records(path: Path) -> dict[str, PerturbRecord]:
     return records
 
 
-class PerturbWriter:
-    """Appends records, one flushed line each (safe to kill at any time)."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        _drop_torn_tail(self.path)
-        self._fh = self.path.open("a", encoding="utf-8")
-
-    def write(self, record: PerturbRecord) -> None:
-        self._fh.write(record.to_json() + "\n")
-        self._fh.flush()
-
-    def close(self) -> None:
-        self._fh.close()
-
-    def __enter__(self) -> PerturbWriter:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+# One flushed line per record, the torn tail of a killed run cut first (qa's answers use it).
+PerturbWriter = JsonlWriter
 
 
 @dataclass
@@ -364,11 +345,11 @@ class LLMPerturber:
             attempt += 1
             try:
                 return await self.client.chat.completions.create(**kwargs)
-            except _RETRYABLE:
+            except RETRYABLE:
                 if attempt > self.reader.max_retries:
                     raise
                 backoff = self.reader.retry_backoff_s * 2 ** (attempt - 1)
-                await asyncio.sleep(min(backoff, _MAX_BACKOFF_S))
+                await asyncio.sleep(min(backoff, MAX_BACKOFF_S))
 
     async def record(self, item_id: str, caption: str) -> PerturbRecord:
         """The LLM's perturbation of one caption, or the rules' with the rejection reason."""
@@ -464,7 +445,7 @@ def perturb_captions(
     items = [(str(i), c) for i, c in items]
     _check_unique(items)
     out_jsonl = Path(out_jsonl)
-    _drop_torn_tail(out_jsonl)
+    drop_torn_tail(out_jsonl)
     done = read_records(out_jsonl)
     todo = [(i, c) for i, c in items if i not in done]
     report = PerturbReport(total=len(items), done_before=len(items) - len(todo), written=0)

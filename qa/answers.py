@@ -81,7 +81,7 @@ def done_ids(path: Path) -> set[str]:
     return {q for q, r in read_answers(path).items() if not r.failed}
 
 
-def _drop_torn_tail(path: Path) -> None:
+def drop_torn_tail(path: Path) -> None:
     """Cut a final line without its newline (a killed write) so appends start clean."""
     if not path.exists():
         return
@@ -90,24 +90,28 @@ def _drop_torn_tail(path: Path) -> None:
         path.write_bytes(data[: data.rfind(b"\n") + 1])
 
 
-class AnswerWriter:
-    """Appends records to a JSONL file, one flushed line each (safe to kill at any time)."""
+class JsonlWriter:
+    """Appends records (anything with `to_json()`) to a JSONL file, one flushed line each
+    (safe to kill at any time); a torn last line of a killed run is cut first."""
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        _drop_torn_tail(self.path)
+        drop_torn_tail(self.path)
         self._fh = self.path.open("a", encoding="utf-8")
 
-    def write(self, record: AnswerRecord) -> None:
+    def write(self, record: Any) -> None:
         self._fh.write(record.to_json() + "\n")
         self._fh.flush()
 
     def close(self) -> None:
         self._fh.close()
 
-    def __enter__(self) -> AnswerWriter:
+    def __enter__(self) -> JsonlWriter:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+AnswerWriter = JsonlWriter  # the reader's answers.jsonl

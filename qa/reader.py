@@ -37,8 +37,9 @@ from qa.transcript import fit_transcript, format_captions
 
 _CHOICE_MAX_TOKENS = 4  # one letter (+ end of sequence) under the choice constraint
 _TOP_LOGPROBS = 10
-_MAX_BACKOFF_S = 30.0
-_RETRYABLE = (openai.APIConnectionError, openai.RateLimitError, openai.InternalServerError)
+# Retried request errors and the longest backoff (pipeline.perturb reuses them).
+MAX_BACKOFF_S = 30.0
+RETRYABLE = (openai.APIConnectionError, openai.RateLimitError, openai.InternalServerError)
 
 
 @dataclass
@@ -142,14 +143,14 @@ class Reader:
             error: Exception | None = None
             try:
                 resp = await self.client.chat.completions.create(**kwargs)  # type: ignore[arg-type]
-            except _RETRYABLE as exc:
+            except RETRYABLE as exc:
                 error = exc
             finally:
                 self.in_flight -= 1
             if error is not None:
                 if attempt > s.max_retries:
                     raise error
-                await asyncio.sleep(min(s.retry_backoff_s * 2 ** (attempt - 1), _MAX_BACKOFF_S))
+                await asyncio.sleep(min(s.retry_backoff_s * 2 ** (attempt - 1), MAX_BACKOFF_S))
                 continue
             choice = resp.choices[0]
             usage = resp.usage

@@ -179,3 +179,36 @@ def test_ray_train_with_two_cpu_workers(world, trained, tmp_path):
     assert captioner.caption_batch([np.zeros((32, 32, 3), np.uint8)]).results[0].caption
     # Ray kept the reported checkpoints in its storage.
     assert list((out / "caption" / "ray").rglob("checkpoint_*"))
+
+
+def test_perturb_command_writes_pairs_training_reads(world, tmp_path, capsys):
+    """`mmser perturb` (rules) over train.data.train, then train.pairs.perturbations."""
+    from captioner.training import read_perturbations
+
+    out = tmp_path / "perturbed.jsonl"
+    args = ["perturb", str(out), "--limit", "20"]
+    for item in overrides(world, tmp_path / "unused"):
+        args += ["--set", item]
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert "20 written" in text and "train.pairs.perturbations=" in text
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(records) == 20 and all(r["perturbed"] != r["caption"] for r in records)
+    pairs = read_perturbations(out)
+    assert sum(len(v) for v in pairs.values()) == 20
+    assert main(args) == 0  # resumed: nothing left to do
+    assert "20 done before, 0 written" in capsys.readouterr().out
+
+
+def test_training_throughput_benchmark_runs(tmp_path):
+    from benchmarks.train_throughput import main as throughput
+
+    out = tmp_path / "throughput.json"
+    assert throughput(["--preset", "tiny", "--device", "cpu", "--batch-size", "4", "--steps",
+                       "2", "--warmup", "1", "--workers", "0", "--caption-tokens", "12",
+                       "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert set(result["stages"]) == {"align", "caption", "refine"}
+    assert all(row["samples_per_s"] > 0 for row in result["stages"].values())
+    assert result["stages"]["align"]["trainable_params"] < \
+        result["stages"]["caption"]["trainable_params"]
