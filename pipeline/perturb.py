@@ -26,8 +26,7 @@ import asyncio
 import json
 import random
 from collections import Counter
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,8 +48,8 @@ from captioner.perturb import (
 from pipeline.errors import DatasetError
 from qa.answers import JsonlWriter, drop_torn_tail
 from qa.prompts import fill
-from qa.reader import MAX_BACKOFF_S, RETRYABLE
-from qa.server import ManagedServer
+from qa.reader import create_with_retries, make_client
+from qa.server import ManagedServer, server_url
 from qa.settings import ReaderSettings
 
 # An edit is a phrase, not a clause; the bound also keeps a reply within llm_max_tokens.
@@ -323,13 +322,7 @@ class LLMPerturber:
         self.client: AsyncOpenAI | None = None  # made inside the event loop that uses it
 
     async def __aenter__(self) -> LLMPerturber:
-        # Retries are ours (bounded, with the reader's backoff), not the SDK's.
-        self.client = AsyncOpenAI(
-            base_url=self.base_url,
-            api_key=self.reader.api_key or "EMPTY",
-            max_retries=0,
-            timeout=self.reader.request_timeout_s,
-        )
+        self.client = make_client(self.reader, self.base_url)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -338,18 +331,8 @@ class LLMPerturber:
             self.client = None
 
     async def _create(self, kwargs: dict[str, Any]) -> Any:
-        """One chat request, retried on connection errors, 429 and 5xx like qa.reader."""
         assert self.client is not None, "use LLMPerturber as `async with`"
-        attempt = 0
-        while True:
-            attempt += 1
-            try:
-                return await self.client.chat.completions.create(**kwargs)
-            except RETRYABLE:
-                if attempt > self.reader.max_retries:
-                    raise
-                backoff = self.reader.retry_backoff_s * 2 ** (attempt - 1)
-                await asyncio.sleep(min(backoff, MAX_BACKOFF_S))
+        return await create_with_retries(self.client, kwargs, self.reader)
 
     async def record(self, item_id: str, caption: str) -> PerturbRecord:
         """The LLM's perturbation of one caption, or the rules' with the rejection reason."""
@@ -406,19 +389,6 @@ async def _perturb_llm(
                 task.cancel()
 
 
-@contextmanager
-def reader_url(reader: ReaderSettings, server: ManagedServer | None) -> Iterator[str]:
-    """The base URL to send to: `server`'s, the external `reader.url`, or a managed server
-    started for the block."""
-    if server is not None:
-        yield server.base_url
-    elif reader.mode == "external":
-        yield reader.base_url
-    else:
-        with ManagedServer(reader) as managed:
-            yield managed.base_url
-
-
 # --- the entry point --------------------------------------------------------------------------
 
 
@@ -458,7 +428,7 @@ def perturb_captions(
         else:
             assert reader is not None
             _save_prompt(out_jsonl, settings)
-            with reader_url(reader, server) as base_url:
+            with server_url(reader, server) as base_url:
                 llm = LLMPerturber(reader, base_url, settings, perturber, seed)
                 asyncio.run(_perturb_llm(llm, todo, writer, report, progress))
     return report

@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import openai
 from openai import AsyncOpenAI
@@ -37,9 +38,37 @@ from qa.transcript import fit_transcript, format_captions
 
 _CHOICE_MAX_TOKENS = 4  # one letter (+ end of sequence) under the choice constraint
 _TOP_LOGPROBS = 10
-# Retried request errors and the longest backoff (pipeline.perturb reuses them).
+# Retried request errors and the longest backoff.
 MAX_BACKOFF_S = 30.0
 RETRYABLE = (openai.APIConnectionError, openai.RateLimitError, openai.InternalServerError)
+
+
+def make_client(settings: ReaderSettings, base_url: str) -> AsyncOpenAI:
+    """An async client whose retries are ours (bounded, with our backoff), not the SDK's.
+    Make it inside the event loop that uses it."""
+    return AsyncOpenAI(
+        base_url=base_url,
+        api_key=settings.api_key or "EMPTY",
+        max_retries=0,
+        timeout=settings.request_timeout_s,
+    )
+
+
+async def create_with_retries(
+    client: AsyncOpenAI, kwargs: dict[str, Any], settings: ReaderSettings
+) -> Any:
+    """One chat request, retried on connection errors, 429 and 5xx with the reader's
+    doubling backoff (`max_retries`, `retry_backoff_s`); other errors are raised."""
+    attempt = 0
+    while True:
+        attempt += 1
+        try:
+            return await client.chat.completions.create(**kwargs)
+        except RETRYABLE:
+            if attempt > settings.max_retries:
+                raise
+            backoff = settings.retry_backoff_s * 2 ** (attempt - 1)
+            await asyncio.sleep(min(backoff, MAX_BACKOFF_S))
 
 
 @dataclass
@@ -101,12 +130,7 @@ class Reader:
         self.in_flight = 0  # requests sent and not yet answered
         self.max_in_flight = 0  # the most ever in flight at once (reported by benchmarks)
         # Retries are ours (bounded, with our backoff, counted per record), not the SDK's.
-        self.client = AsyncOpenAI(
-            base_url=base_url,
-            api_key=settings.api_key or "EMPTY",
-            max_retries=0,
-            timeout=settings.request_timeout_s,
-        )
+        self.client = make_client(settings, base_url)
 
     async def close(self) -> None:
         await self.client.close()

@@ -24,7 +24,8 @@ import time
 import urllib.error
 import urllib.request
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
 
@@ -228,6 +229,19 @@ class ManagedServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+@contextmanager
+def server_url(reader: ReaderSettings, server: ManagedServer | None = None) -> Iterator[str]:
+    """The base URL to send to: `server`'s, the external `reader.url`, or a managed server
+    started for the block."""
+    if server is not None:
+        yield server.base_url
+    elif reader.mode == "external":
+        yield reader.base_url
+    else:
+        with ManagedServer(reader) as managed:
+            yield managed.base_url
 
 
 def serve_forever(settings: ReaderSettings) -> None:
