@@ -51,8 +51,13 @@ import numpy as np
 
 RESULTS = Path(__file__).resolve().parent / "results"
 WORK = Path("data/bench-learn")
+QUICK_WORK = Path("data/bench-learn-quick")  # a quick run never overwrites a real one
 TYPES = ("entity", "attribute", "relation")
 CONDITIONS = ("image", "mismatched", "zeroed")
+# Measures also reported apart for test images whose colour-shape pairs all occur in
+# training ("seen") and those with a pair no training image shows ("unseen").
+SPLIT_MEASURES = ("simple_exact", "coarse_exact", "refined_exact", "kept", "overall_image",
+                  "overall_mismatched", "overall_zeroed", "fixed", "broken")
 GOALS = {
     "correction above control (points)": 30.0, "wrong changes at most": 0.05,
     "kept at least": 0.90, "exact gain at least (points)": 5.0,
@@ -67,11 +72,11 @@ class Budget:
     train: int = 4000
     val: int = 300
     test: int = 1000
-    vision_steps: int = 2000
+    vision_steps: int = 1500
     text_steps: int = 300
     align_steps: int = 150
     caption_steps: int = 600
-    refine_steps: int = 900
+    refine_steps: int = 750
     batch_size: int = 32
     learning_rate: float = 1e-3
 
@@ -336,6 +341,11 @@ class Outcomes:
             m[f"adaptive_{t}_refined"] = [float(x) for x in run["refined"]]
             m[f"adaptive_{t}_exact"] = [exact(a, b) for a, b in zip(run["caption"], truth,
                                                                     strict=True)]
+        held = np.array(r["held_out"], bool)
+        for name in SPLIT_MEASURES:
+            values = np.array(m[name], float)
+            m[f"{name}@seen"] = np.where(held, np.nan, values).tolist()
+            m[f"{name}@unseen"] = np.where(held, values, np.nan).tolist()
         r["_measures"] = m
         return m
 
@@ -432,6 +442,11 @@ def summarise(records: list[dict[str, Any]]) -> dict[str, Any]:
             "refined_share": fig(f"adaptive_{t}_refined", mean_of(f"adaptive_{t}_refined")),
             "exact": fig(f"adaptive_{t}_exact", mean_of(f"adaptive_{t}_exact")),
         }
+    out["by_pair"] = {
+        split: {name: fig(f"{name}@{split}", mean_of(f"{name}@{split}"))
+                for name in SPLIT_MEASURES}
+        for split in ("seen", "unseen")
+    }
     out["ci95"] = ci
     out["test_images"] = len(records[0]["truth"])
     out["held_out_test_images"] = int(sum(records[0]["held_out"]))
@@ -493,6 +508,20 @@ def table(summary: dict[str, Any]) -> str:
         f"{'share of that gain zeroed tokens remove':<44}{_pct(s, 'zeroed_removed_share')}",
         f"{'correct input slots wrongly changed':<44}{_pct(s, 'wrong_change_rate')}",
         f"{'right inputs kept unchanged':<44}{_pct(s, 'kept_rate')}",
+        "",
+        f"{'by colour-shape pairs of the test image':<36}{'seen in training':>24}"
+        f"{'never seen':>24}",
+    ]
+    labels = {"simple_exact": "simple exact", "coarse_exact": "MM-SeR coarse exact",
+              "refined_exact": "MM-SeR refined exact", "kept": "right inputs kept",
+              "overall_image": "corrected", "overall_mismatched": "corrected, mismatched",
+              "overall_zeroed": "corrected, zeroed tokens", "fixed": "own captions fixed",
+              "broken": "own captions broken"}
+    for name, label in labels.items():
+        lines.append(f"{label:<36}" + "".join(
+            f"{_pct(s, f'{name}@{split}', s['by_pair'][split][name]):>24}"
+            for split in ("seen", "unseen")))
+    lines += [
         "",
         "adaptive refinement (threshold: a percentile of the coarse captions' confidence on",
         "the validation split, per seed):",
@@ -592,12 +621,15 @@ def run(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--work", default=str(WORK), help="world, checkpoints, per-seed results")
+    parser.add_argument("--work", default=None,
+                        help=f"world, checkpoints, per-seed results (default {WORK}; "
+                        f"--quick: {QUICK_WORK})")
     parser.add_argument("--out", default=str(RESULTS))
     parser.add_argument("--quick", action="store_true", help="the plumbing only, in minutes")
     parser.add_argument("--fresh", action="store_true", help="re-evaluate finished seeds too")
     parser.add_argument("--one-seed", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    args.work = args.work or str(QUICK_WORK if args.quick else WORK)
     if args.one_seed is not None:
         return run_one_seed(args)
     return run(args)
