@@ -12,7 +12,8 @@ export VLLM_CACHE_ROOT ?= $(CURDIR)/.cache/vllm
 export HF_HUB_OFFLINE ?= 1
 
 .PHONY: help install demo test lint videoqa serve-reader train bench-decode bench-captioner \
-	bench-reader bench-pipeline bench-captioners bench-learn compare clean
+	bench-reader bench-pipeline bench-captioners bench-learn bench-captioning \
+	eval-captions compare clean
 
 help:  ## list the commands
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
@@ -62,6 +63,12 @@ bench-captioners: install  ## all four captioners timed on the same frames (make
 
 bench-learn: install  ## does refinement learn to correct by looking? 3 seeds on the synthetic world (~30 min)
 	$(PY) -m benchmarks.learn $(ARGS)
+
+bench-captioning: install  ## caption-quality table (BLEU, ROUGE-L, CIDEr, METEOR, BERTScore) on the synthetic world
+	$(PY) -m benchmarks.captioning $(ARGS)
+
+eval-captions: install  ## score a captioner on a test split: make eval-captions ARGS='--data F --format coco --split test'
+	$(PY) -m pipeline eval-captions $(ARGS)
 
 clean:  ## remove generated data, runs and results (keeps .venv)
 	rm -rf data runs benchmarks/results .cache

@@ -338,6 +338,23 @@ def cmd_caption(args: argparse.Namespace) -> int:
     return 0 if failed < len(args.paths) else 1
 
 
+def cmd_eval_captions(args: argparse.Namespace) -> int:
+    from captioner.train_data import DataSource
+    from pipeline.eval_captions import evaluate_captions
+
+    config = _config(args)
+    if args.data:
+        config.eval_captions.data = [
+            DataSource(args.format, args.data, args.image_root, args.split, args.limit)
+        ]
+    run = evaluate_captions(config, captioner=args.captioner, checkpoint=args.checkpoint,
+                            predictions=args.predictions, out=args.out,
+                            judge=True if args.judge else None)
+    print(f"run folder: {run.run_dir} (metrics.json, per_image.jsonl)")
+    print(run.table)
+    return 0 if run.scores is not None else 1
+
+
 def cmd_world(args: argparse.Namespace) -> int:
     from pipeline.world import WORLDS, build_world
 
@@ -436,6 +453,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--captioner", default=None, help="default: captioner.name")
     p.add_argument("--checkpoint", default=None, help="the captioner's checkpoint folder")
     p.set_defaults(func=cmd_caption)
+
+    p = sub.add_parser("eval-captions", help="caption a test split (or read predictions) and "
+                       "score it: BLEU, ROUGE-L, CIDEr, METEOR, BERTScore, an LLM judge")
+    _add_common(p)
+    p.add_argument("--data", default=None,
+                   help="the dataset file or folder (default: eval_captions.data)")
+    p.add_argument("--format", choices=("llava", "coco", "dci", "folder"), default="llava",
+                   help="--data's layout (default llava)")
+    p.add_argument("--split", default=None, help="--data's split (coco: Karpathy's test)")
+    p.add_argument("--image-root", default=None, help="folder --data's image paths start at")
+    p.add_argument("--limit", type=int, default=None, help="only the first N images")
+    p.add_argument("--captioner", default=None, help="default: captioner.name")
+    p.add_argument("--checkpoint", default=None, help="the captioner's checkpoint folder")
+    p.add_argument("--predictions", default=None,
+                   help="score this predictions file instead of captioning")
+    p.add_argument("--out", default=None, help="the run folder (an existing one resumes)")
+    p.add_argument("--judge", action="store_true",
+                   help="also ask the reader LLM to judge each caption (eval_captions.judge)")
+    p.set_defaults(func=cmd_eval_captions)
 
     p = sub.add_parser("world", help="synthetic worlds for training evidence and the demo")
     world_sub = p.add_subparsers(dest="world_command", required=True)

@@ -18,10 +18,12 @@ from typing import Any, Literal
 
 import yaml
 
+from captioner.caption_metrics import MetricSettings
 from captioner.settings import CaptionerSettings
+from captioner.train_data import DataSource
 from captioner.train_settings import TrainSettings
 from pipeline.errors import ConfigError
-from qa.settings import ReaderSettings
+from qa.settings import JudgeSettings, ReaderSettings
 
 DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent.parent / "config.yaml"
 
@@ -113,6 +115,21 @@ class OutputSettings:
 
 
 @dataclass
+class EvalCaptionsSettings:
+    """The config's `eval_captions:` section."""
+
+    # The split to score, in the training data's forms: [{format, path, image_root, split,
+    # limit}] (a coco Karpathy file with split: test, a LLaVA JSON, a folder of images).
+    data: list[DataSource] = field(default_factory=list)
+    # Score this file instead of captioning: JSONL of {"id", "caption"} (this command's own
+    # captions.jsonl works), a COCO results list [{"image_id", "caption"}], or {id: caption}.
+    predictions: str | None = None
+    batch_size: int | None = None  # images per captioner call (null: captioner.batch_size)
+    metrics: MetricSettings = field(default_factory=MetricSettings)
+    judge: JudgeSettings = field(default_factory=JudgeSettings)
+
+
+@dataclass
 class Config:
     datasets: dict[str, DatasetSettings] = field(default_factory=dict)
     sampling: SamplingSettings = field(default_factory=SamplingSettings)
@@ -120,6 +137,7 @@ class Config:
     reader: ReaderSettings = field(default_factory=ReaderSettings)
     ray: RaySettings = field(default_factory=RaySettings)
     train: TrainSettings = field(default_factory=TrainSettings)
+    eval_captions: EvalCaptionsSettings = field(default_factory=EvalCaptionsSettings)
     cache: CacheSettings = field(default_factory=CacheSettings)
     outputs: OutputSettings = field(default_factory=OutputSettings)
 

@@ -109,3 +109,19 @@ class ReaderSettings:
             url = self.url.rstrip("/")
             return url if url.endswith("/v1") else url + "/v1"
         return f"http://{HOST}:{self.port}/v1"
+
+
+@dataclass
+class JudgeSettings:
+    """The caption judge (the config's `eval_captions.judge`); it uses `reader:`'s server."""
+
+    enabled: bool = False  # a judge needs a real instruction model in reader.model
+    max_tokens: int = 200  # reply limit: a score and one sentence fit well within it
+    temperature: float = 0.0  # greedy: the same reply for the same captions
+    reason_max_chars: int = 300  # the schema bounds the reason, so a reply ends in time
+
+    def validate(self) -> None:
+        if self.max_tokens < 16:
+            raise ValueError(f"judge.max_tokens must be >= 16, got {self.max_tokens}")
+        if self.reason_max_chars < 1:
+            raise ValueError(f"judge.reason_max_chars must be >= 1, got {self.reason_max_chars}")
