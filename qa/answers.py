@@ -34,6 +34,11 @@ class AnswerRecord:
     budget: dict[str, Any] = field(default_factory=dict)  # qa.transcript.BudgetReport
     answer: int | None = None  # the known correct index (EgoSchema's public 500), if any
     error: str | None = None  # why the request failed after all retries
+    finish_reasons: list[str | None] = field(default_factory=list)  # the server's, per request
+    truncated: bool = False  # a free-text stage stopped at max_tokens
+    invalid_reason: str | None = None  # why a reply gave no answer (unreadable, tie, truncated)
+    # Option-order debiasing: each shift's probabilities, in the original option order.
+    shift_probs: list[list[float]] | None = None
 
     @property
     def failed(self) -> bool:

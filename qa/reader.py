@@ -11,8 +11,14 @@ never raises: it is retried (connection errors, timeouts, 429 and 5xx; exponenti
 and then recorded with its error.
 
 Letter answers use vLLM structured outputs (`choice` A-E) with logprobs: the letter plus a
-probability per option. Free-text replies (chain of thought, or `structured_choice: false`
-for servers without structured outputs) go through `qa.parsing.parse_answer`.
+probability per option. Free-text replies (`structured_choice: false` for servers without
+structured outputs) go through the template's reading (`qa.parsing.parse_answer`, or
+LLoVi's first character). With `permutations: N` the stages from the first one showing
+the options are asked N times with the options cyclically shifted; each option's
+probability is averaged over the shifts in its original position, and the answer is the
+argmax (an exact tie is invalid). A text stage cut at max_tokens is marked truncated, and
+a question whose template, question and options alone overflow the context fails before
+any request, with the reason.
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ from qa.answers import AnswerRecord, AnswerWriter, read_answers
 from qa.prompts import PromptTemplate, Stage, fill, get_template, prompt_fields
 from qa.server import ManagedServer
 from qa.settings import ReaderSettings
-from qa.transcript import fit_transcript, format_captions
+from qa.transcript import fit_transcript, render_lines
 
 _CHOICE_MAX_TOKENS = 4  # one letter (+ end of sequence) under the choice constraint
 _TOP_LOGPROBS = 10
@@ -77,6 +83,7 @@ class _Reply:
     option_probs: list[float] | None
     prompt_tokens: int
     completion_tokens: int
+    finish_reason: str | None = None
 
 
 def make_token_counter(settings: ReaderSettings) -> tuple[Callable[[str], int], str]:
@@ -136,17 +143,32 @@ class Reader:
         await self.client.close()
 
     # --- one request, retried --------------------------------------------------------
-    async def _send(self, user: str, stage: Stage, record: AnswerRecord) -> _Reply:
-        """One chat request for `stage`, retried (each try counted in `record.attempts`)."""
+    def stage_mode(self, index: int) -> str:
+        """How stage `index` is asked: "choice" (constrained A-E), "letter" (a short free
+        reply to read) or "text" (free text with the stage's sampling)."""
         s = self.settings
-        kwargs: dict[str, object] = {
-            "model": s.model_name,
-            "messages": [
-                {"role": "system", "content": self.system},
-                {"role": "user", "content": user},
-            ],
-        }
-        if stage.answer == "choice" and s.structured_choice:
+        stage = self.template.stages[index]
+        last = index == len(self.template.stages) - 1
+        if last and s.asks_choice_last(self.template):
+            return "choice"
+        if stage.answer == "choice":
+            return "letter"
+        return "text"
+
+    def sampling(self, stage: Stage) -> tuple[float, int]:
+        """(temperature, max_tokens) of a free-text stage."""
+        s = self.settings
+        if stage.sampling == "summary" and self.template.family == "llovi":
+            return s.llovi.summary_temperature, s.llovi.summary_max_tokens
+        return s.temperature, s.max_tokens
+
+    async def _send(self, messages: list[dict[str, str]], index: int,
+                    record: AnswerRecord) -> _Reply:
+        """One chat request for stage `index`, retried (each try counted in `record.attempts`)."""
+        s = self.settings
+        kwargs: dict[str, object] = {"model": s.model_name, "messages": messages}
+        mode = self.stage_mode(index)
+        if mode == "choice":
             kwargs.update(
                 max_tokens=_CHOICE_MAX_TOKENS,
                 temperature=0.0,
@@ -154,10 +176,11 @@ class Reader:
                 top_logprobs=_TOP_LOGPROBS,
                 extra_body={"structured_outputs": {"choice": list(OPTION_LETTERS)}},
             )
-        elif stage.answer == "choice":
+        elif mode == "letter":
             kwargs.update(max_tokens=16, temperature=0.0)  # a short free-text letter reply
         else:
-            kwargs.update(max_tokens=s.max_tokens, temperature=s.temperature)
+            temperature, max_tokens = self.sampling(self.template.stages[index])
+            kwargs.update(max_tokens=max_tokens, temperature=temperature)
         attempt = 0
         while True:
             attempt += 1
@@ -178,31 +201,59 @@ class Reader:
                 continue
             choice = resp.choices[0]
             usage = resp.usage
-            reply = _Reply(
+            return _Reply(
                 text=choice.message.content or "",
-                option_probs=option_probabilities(choice.logprobs),
+                option_probs=option_probabilities(choice.logprobs) if mode == "choice" else None,
                 prompt_tokens=usage.prompt_tokens if usage else 0,
                 completion_tokens=usage.completion_tokens if usage else 0,
+                finish_reason=choice.finish_reason,
             )
-            return reply
 
     # --- one question ------------------------------------------------------------------
-    def budget_tokens(self, fields: dict[str, object]) -> int | None:
-        """Tokens left for the transcript in the first stage (None: no context limit known)."""
+    def _generated(self, index: int) -> int:
+        mode = self.stage_mode(index)
+        if mode == "choice":
+            return _CHOICE_MAX_TOKENS
+        if mode == "letter":
+            return 16
+        return self.sampling(self.template.stages[index])[1]
+
+    def fixed_tokens(self, fields: dict[str, object]) -> int:
+        """Tokens of the context that holds the transcript, without the transcript: the
+        system line, the stages' text with the question and options (all turns of a
+        conversation), and what those stages may generate."""
+        stages = self.template.stages
+        indices = range(len(stages)) if self.template.conversation else range(1)
+        empty = _Prefill(dict(fields, transcript=""))
+        total = self.count_tokens(self.system)
+        for i in indices:
+            total += self.count_tokens(stages[i].user.format_map(empty)) + self._generated(i)
+        return total
+
+    def budget_tokens(self, fields: dict[str, object], q_uid: str = "") -> int | None:
+        """Tokens left for the transcript (None: no context limit known). Raises ReaderError
+        naming the question when its fixed part alone does not fit the context."""
         limit = self.settings.max_model_len
         if limit is None:
             return None
-        first = self.template.stages[0]
-        empty = dict(fields, transcript="")
-        overhead = self.count_tokens(self.system) + self.count_tokens(
-            first.user.format_map(_Prefill(empty))
-        )
-        generated = self.settings.max_tokens if first.answer == "text" else _CHOICE_MAX_TOKENS
-        return max(limit - self.settings.reserve_tokens - overhead - generated, 0)
+        fixed = self.fixed_tokens(fields)
+        if fixed > limit:
+            raise ReaderError(
+                f"question {q_uid}: the template {self.template.name!r}, question and options "
+                f"need {fixed} tokens with the reply, over the context of {limit} "
+                "(reader.max_model_len): not sent"
+            )
+        return max(limit - self.settings.reserve_tokens - fixed, 0)
+
+    def shift_orders(self) -> list[list[int]]:
+        """The option order of each shift: position j shows original option order[j]."""
+        n = len(OPTION_LETTERS)
+        return [[(j + k) % n for j in range(n)] for k in range(self.settings.permutations)]
 
     async def answer(self, question: Question, transcript: Transcript) -> AnswerRecord:
         """Answer one question; never raises for a failed request (the record says why)."""
         s = self.settings
+        template = self.template
         t0 = time.perf_counter()
         record = AnswerRecord(
             q_uid=question.q_uid,
@@ -211,51 +262,129 @@ class Reader:
             letter=None,
             option_probs=None,
             raw_output="",
-            template=self.template.name,
+            template=template.name,
             answer=question.answer,
         )
+        summary_words = s.llovi.summary_words if template.family == "llovi" else s.summary_words
         try:
-            fields = prompt_fields(question, "", transcript.duration, 0, s.summary_words)
-            captions, report = fit_transcript(
-                transcript, self.budget_tokens(fields), self.count_tokens, s.dedup_threshold
+            fields = prompt_fields(question, "", transcript.duration, 0, summary_words)
+            digest = s.digest_similarity if (template.digest and s.digest) else None
+            lines, report = fit_transcript(
+                transcript, self.budget_tokens(fields, question.q_uid), self.count_tokens,
+                s.dedup_threshold, digest, template.lines,
             )
             record.budget = dict(report.to_dict(), counter=self.counter_kind)
-            fields = prompt_fields(
-                question,
-                format_captions(captions),
-                transcript.duration,
-                len(captions),
-                s.summary_words,
+            base: dict[str, object] = dict(
+                transcript=render_lines(lines, template.lines),
+                # Subsampled lines each stand for a longer stretch than one caption did.
+                num_captions=len(lines) if "subsample" in report.policy
+                else len(transcript.captions),
+                duration=transcript.duration,
             )
-            reply: _Reply | None = None
-            for number, stage in enumerate(self.template.stages, 1):
-                user = fill(stage.user, fields, f"{self.template.name!r} stage {number}")
-                reply = await self._send(user, stage, record)
-                record.stage_outputs.append(reply.text)
-                record.prompt_tokens += reply.prompt_tokens
-                record.completion_tokens += reply.completion_tokens
-                if stage.output:
-                    fields[stage.output] = reply.text.strip()
-            assert reply is not None
-            record.raw_output = reply.text
-            self._read_answer(record, reply, question)
+            # Stages before the first that shows the options are asked once; the rest once
+            # per option order.
+            split = next((i for i, st in enumerate(template.stages) if st.shows_options()),
+                         len(template.stages))
+            shared: dict[str, object] = {}
+            messages = [{"role": "system", "content": self.system}]
+            for index in range(split):
+                _, messages = await self._stage(index, question, base, shared, messages,
+                                                None, record)
+            orders = self.shift_orders()
+            replies: list[_Reply] = []
+            for order in orders:
+                fields_k = dict(shared)
+                turn = list(messages)
+                reply = None
+                for index in range(split, len(template.stages)):
+                    reply, turn = await self._stage(index, question, base, fields_k, turn,
+                                                    order, record)
+                assert reply is not None
+                replies.append(reply)
+            self._read_answer(record, replies, orders, question)
         except (openai.APIError, ReaderError) as exc:
             record.error = f"{type(exc).__name__}: {exc}"
         record.latency_s = time.perf_counter() - t0
         return record
 
-    def _read_answer(self, record: AnswerRecord, reply: _Reply, question: Question) -> None:
-        last = self.template.stages[-1]
-        text = reply.text.strip()
-        if last.answer == "choice" and self.settings.structured_choice and text in OPTION_LETTERS:
-            record.letter = text
-            record.prediction = OPTION_LETTERS.index(text)
-            record.option_probs = reply.option_probs
+    async def _stage(
+        self, index: int, question: Question, base: dict[str, object],
+        outputs: dict[str, object], messages: list[dict[str, str]],
+        order: list[int] | None, record: AnswerRecord,
+    ) -> tuple[_Reply, list[dict[str, str]]]:
+        """Ask stage `index`; returns its reply and the conversation so far."""
+        s = self.settings
+        template = self.template
+        stage = template.stages[index]
+        summary_words = s.llovi.summary_words if template.family == "llovi" else s.summary_words
+        fields = prompt_fields(question, str(base["transcript"]), float(base["duration"]),
+                               int(base["num_captions"]), summary_words, order)
+        fields.update(outputs)
+        user = fill(stage.user, fields, f"{template.name!r} stage {index + 1}")
+        if template.conversation:
+            sent = [*messages, {"role": "user", "content": user}]
+        else:
+            sent = [{"role": "system", "content": self.system}, {"role": "user", "content": user}]
+        reply = await self._send(sent, index, record)
+        record.stage_outputs.append(reply.text)
+        record.finish_reasons.append(reply.finish_reason)
+        record.prompt_tokens += reply.prompt_tokens
+        record.completion_tokens += reply.completion_tokens
+        if self.stage_mode(index) == "text" and reply.finish_reason == "length":
+            record.truncated = True
+        if stage.output:
+            outputs[stage.output] = reply.text.strip()
+        return reply, [*sent, {"role": "assistant", "content": reply.text}]
+
+    def _read_answer(self, record: AnswerRecord, replies: list[_Reply],
+                     orders: list[list[int]], question: Question) -> None:
+        last = len(self.template.stages) - 1
+        record.raw_output = replies[-1].text
+        if self.stage_mode(last) == "choice":
+            per_shift: list[list[float]] = []
+            for reply, order in zip(replies, orders, strict=True):
+                probs = reply.option_probs
+                text = reply.text.strip()
+                if probs is None and text in OPTION_LETTERS:  # no logprobs: the letter alone
+                    probs = [float(L == text) for L in OPTION_LETTERS]
+                if probs is None:
+                    continue
+                original = [0.0] * len(OPTION_LETTERS)
+                for position, option in enumerate(order):
+                    original[option] = probs[position]
+                per_shift.append(original)
+            if len(per_shift) == len(replies):
+                mean = [sum(p[i] for p in per_shift) / len(per_shift)
+                        for i in range(len(OPTION_LETTERS))]
+                record.option_probs = mean
+                if len(orders) > 1:
+                    record.shift_probs = per_shift
+                best = max(mean)
+                winners = [i for i, p in enumerate(mean) if p == best]
+                text = replies[0].text.strip()
+                if len(orders) == 1 and text in OPTION_LETTERS:
+                    winners = [OPTION_LETTERS.index(text)]  # the letter the model wrote
+                if len(winners) == 1:
+                    record.prediction = winners[0]
+                    record.letter = OPTION_LETTERS[winners[0]]
+                else:
+                    record.invalid_reason = (
+                        "tie between " + ", ".join(OPTION_LETTERS[i] for i in winners))
+                return
+            # A server that ignored the constraint: read the text, never guess.
+        if len(replies) > 1:  # free-text shifts are not averaged (validate refuses them)
+            record.invalid_reason = "several option orders without probabilities"
             return
-        # Free text (or a server that ignored the constraint): parse, never guess.
+        reply = replies[0]
+        # LLoVi reads the reply's very first character, unstripped, as its code does.
+        text = reply.text if self.template.reading == "first_char" else reply.text.strip()
         record.prediction = self.template.parser(text, question.options)
         if record.prediction is not None:
             record.letter = OPTION_LETTERS[record.prediction]
+        elif record.truncated:
+            record.invalid_reason = "truncated: a free-text stage stopped at max_tokens"
+        else:
+            record.invalid_reason = "unreadable reply"
 
     # --- many questions ------------------------------------------------------------------
     async def answer_all(

@@ -13,6 +13,20 @@ HOST = "127.0.0.1"  # a managed server only ever listens locally
 
 
 @dataclass
+class LLoViSettings:
+    """How the llovi_* templates run (LLoVi's documented settings by default)."""
+
+    # llovi_sum_q's summary: LLoVi's README runs `--num_words_in_sum 500 --temperature 1.0`.
+    summary_words: int = 500
+    summary_temperature: float = 1.0
+    # Output limit of the summary: 500 English words are ~650-700 tokens; 1024 holds them.
+    summary_max_tokens: int = 1024
+    # false: the last reply's first character is the answer, as LLoVi reads it; true: the
+    # last turn is asked as the constrained A-E choice (with option probabilities).
+    constrained_choice: bool = False
+
+
+@dataclass
 class ReaderSettings:
     # managed: the product starts a vLLM server itself; external: use `url`.
     mode: Literal["managed", "external"] = "managed"
@@ -60,10 +74,20 @@ class ReaderSettings:
     # Constrain letter answers with vLLM structured outputs (choice A-E) + logprobs; false
     # for servers without structured outputs: the reply is then parsed as free text.
     structured_choice: bool = True
-    # Context budget: tokens kept free for the template text and the reply; captions whose
-    # consecutive-word similarity (Jaccard) reaches `dedup_threshold` count as duplicates.
+    # Context budget: tokens kept free beside the template text and the reply. Over budget,
+    # consecutive captions whose word-set similarity (Jaccard) reaches `dedup_threshold`
+    # merge into one line before the transcript is subsampled (qa.transcript).
     reserve_tokens: int = 1024
     dedup_threshold: float = 0.9
+    # Caption digest for our templates (LLoVi's never): consecutive captions identical after
+    # normalisation, or word-set similarity >= digest_similarity, become one "a-b: ..." line.
+    digest: bool = True
+    digest_similarity: float = 1.0
+    # Option-order debiasing: ask N cyclic shifts of the options and average each option's
+    # probability over them (needs the constrained choice); 1: off.
+    permutations: int = 1
+    # The llovi_* templates' own settings.
+    llovi: LLoViSettings = field(default_factory=LLoViSettings)
 
     def validate(self) -> None:
         """Raise ValueError naming the key when a value is out of range."""
@@ -79,10 +103,14 @@ class ReaderSettings:
                 "reader.gpu_memory_utilization must be in (0, 1], "
                 f"got {self.gpu_memory_utilization}"
             )
-        if not 0.0 < self.dedup_threshold <= 1.0:
-            raise ValueError(
-                f"reader.dedup_threshold must be in (0, 1], got {self.dedup_threshold}"
-            )
+        for name in ("dedup_threshold", "digest_similarity"):
+            if not 0.0 < getattr(self, name) <= 1.0:
+                raise ValueError(f"reader.{name} must be in (0, 1], got {getattr(self, name)}")
+        if not 1 <= self.permutations <= 5:
+            raise ValueError(f"reader.permutations must be 1-5, got {self.permutations}")
+        if self.llovi.summary_words < 1 or self.llovi.summary_max_tokens < 16:
+            raise ValueError("reader.llovi.summary_words must be >= 1 and "
+                             "reader.llovi.summary_max_tokens >= 16")
         for name in ("health_timeout_s", "request_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"reader.{name} must be > 0, got {getattr(self, name)}")
@@ -93,8 +121,25 @@ class ReaderSettings:
                 f"reader.template {self.template!r} is unknown; "
                 f"known: {', '.join(sorted(TEMPLATES))}"
             )
+        if self.permutations > 1 and not self.asks_choice_last(TEMPLATES[self.template]):
+            raise ValueError(
+                f"reader.permutations {self.permutations} averages option probabilities, "
+                f"which only the constrained choice gives: template {self.template!r} with "
+                f"structured_choice {self.structured_choice} does not end in one"
+                + (" (set reader.llovi.constrained_choice: true)"
+                   if self.template.startswith("llovi_") else "")
+            )
         if self.max_retries < 0 or self.retry_backoff_s < 0:
             raise ValueError("reader.max_retries and reader.retry_backoff_s must be >= 0")
+
+    def asks_choice_last(self, template: object) -> bool:
+        """Whether `template`'s last stage is asked as the constrained A-E choice."""
+        if not self.structured_choice:
+            return False
+        last = template.stages[-1]  # type: ignore[attr-defined]
+        if template.family == "llovi":  # type: ignore[attr-defined]
+            return self.llovi.constrained_choice
+        return last.answer == "choice"
 
     @property
     def model_name(self) -> str:

@@ -7,12 +7,13 @@ import pytest
 from pipeline.errors import ReaderError
 from pipeline.records import FrameCaption, Question, Transcript
 from qa.parsing import parse_answer
-from qa.prompts import TEMPLATES, fill, get_template, prompt_fields
+from qa.prompts import TEMPLATES, fill, first_char_answer, get_template, prompt_fields
 from qa.transcript import (
-    drop_near_duplicates,
+    digest,
     even_subsample,
     fit_transcript,
     format_captions,
+    render_lines,
 )
 
 OPTIONS = (
@@ -37,15 +38,31 @@ def test_transcript_lines_are_llovi_form_in_time_order() -> None:
     assert format_captions(caps) == "0: a zero\n1.5: b\n2: c two"
 
 
-def test_near_duplicates_dropped_only_when_consecutive() -> None:
+def test_digest_merges_consecutive_identical_captions_into_time_ranges() -> None:
     caps = [
-        FrameCaption(0, "a man cuts an onion"),
-        FrameCaption(1, "A man cuts an onion."),  # same words: dropped
-        FrameCaption(2, "a woman opens the door"),
-        FrameCaption(3, "a man cuts an onion"),  # not consecutive to the first: kept
+        FrameCaption(12, "a red circle on a grey background"),
+        FrameCaption(13, "A red circle on a grey background."),  # same after normalisation
+        FrameCaption(14, "a red  circle on a grey background"),
+        FrameCaption(15, "a blue square"),
+        FrameCaption(16, "a red circle on a grey background"),  # not consecutive: its own line
     ]
-    kept = drop_near_duplicates(caps, threshold=0.9)
-    assert [c.timestamp for c in kept] == [0, 2, 3]
+    lines = digest(caps)
+    assert render_lines(lines) == (
+        "12-14: a red circle on a grey background\n15: a blue square\n"
+        "16: a red circle on a grey background"
+    )
+    assert [line.count for line in lines] == [3, 1, 1]
+    # At similarity 1.0 every distinct caption (after normalisation) is still there.
+    assert {c.caption.lower().rstrip(".").replace("  ", " ") for c in caps} == {
+        line.text for line in lines}
+    # A lower similarity merges near-duplicates too, keeping the run's first caption.
+    near = [FrameCaption(0, "a man cuts an onion"), FrameCaption(1, "a man cuts the onion")]
+    assert len(digest(near)) == 2 and render_lines(digest(near, 0.6)) == "0-1: a man cuts an onion"
+
+
+def test_llovi_lines_are_captions_joined_untimed() -> None:
+    caps = [FrameCaption(1, "b two"), FrameCaption(0, "a  one")]
+    assert render_lines(digest(caps), "llovi") == "a one. b two"
 
 
 def test_even_subsample_spans_the_whole_video() -> None:
@@ -62,7 +79,7 @@ def _transcript(texts: list[str]) -> Transcript:
 
 
 def test_budget_none_when_it_fits() -> None:
-    kept, report = fit_transcript(_transcript(["a b c"] * 3), 100, words)
+    kept, report = fit_transcript(_transcript(["a b c", "d e f", "g h i"]), 100, words)
     assert report.policy == "none" and report.captions_kept == 3 and len(kept) == 3
 
 
@@ -74,37 +91,50 @@ def test_budget_fast_path_skips_tokenizing_when_bytes_fit() -> None:
         return words(text)
 
     transcript = _transcript(["a man cuts an onion"] * 3)  # 3 lines of 22 bytes + newline
-    kept, report = fit_transcript(transcript, 100, counting)
+    kept, report = fit_transcript(transcript, 100, counting, digest_similarity=None)
     assert len(kept) == 3 and report.policy == "none" and not report.exact
     assert calls == []  # bytes bound tokens for byte-level BPE: nothing to count
     assert report.tokens_in == 3 * 23
     # Over budget by bytes but not by tokens: counted exactly, still kept whole.
-    kept, report = fit_transcript(transcript, 30, counting)
+    kept, report = fit_transcript(transcript, 30, counting, digest_similarity=None)
     assert len(kept) == 3 and report.policy == "none" and report.exact
     assert report.tokens_in == 3 * (6 + 1) and calls
 
 
-def test_budget_dedup_first() -> None:
-    # 10 copies of one caption + 2 distinct: dedup alone fits (3 lines * 5 tokens).
+def test_digest_is_recorded_and_shortens_the_prompt() -> None:
     texts = ["a man cuts an onion"] * 10 + ["a woman opens the door", "he walks out now"]
-    kept, report = fit_transcript(_transcript(texts), 20, words)
-    assert report.policy == "dedup"
-    assert [c.timestamp for c in kept] == [0.0, 10.0, 11.0]
-    assert report.tokens_kept <= 20 < report.tokens_in
+    kept, report = fit_transcript(_transcript(texts), 1000, words)
+    assert report.policy == "none" and report.digest
+    assert (report.captions_in, report.lines_in, report.lines_out) == (12, 3, 3)
+    assert render_lines(kept).splitlines()[0] == "0-9: a man cuts an onion"
+    kept, report = fit_transcript(_transcript(texts), 1000, words, digest_similarity=None)
+    assert report.lines_out == 12 and not report.digest
+
+
+def test_budget_merges_near_duplicates_first() -> None:
+    # Near-duplicates (not identical) merge only when over budget, at dedup_threshold.
+    texts = [f"a man cuts an onion slowly {'now' if i % 2 else 'here'}" for i in range(10)]
+    texts += ["a woman opens the door", "he walks out now"]
+    kept, report = fit_transcript(_transcript(texts), 30, words, dedup_threshold=0.7)
+    assert report.policy == "digest" and report.lines_in == 12
+    assert [line.start for line in kept] == [0.0, 10.0, 11.0]
+    assert report.tokens_kept <= 30 < report.tokens_in and report.captions_kept == 12
 
 
 def test_budget_subsample_after_dedup_and_recorded() -> None:
     texts = [f"caption number {i} here" for i in range(100)]  # 5 tokens/line incl. "t:"
     kept, report = fit_transcript(_transcript(texts), 60, words, dedup_threshold=0.9)
-    assert report.policy == "dedup+subsample"
+    assert report.policy == "digest+subsample"
     assert report.captions_in == 100 and report.captions_kept == len(kept) == 10
     assert report.tokens_kept <= 60
-    assert kept[0].timestamp == 0.0 and kept[-1].timestamp == 99.0  # spans the video
+    assert kept[0].start == 0.0 and kept[-1].start == 99.0  # spans the video
+    _, report = fit_transcript(_transcript(texts), 60, words, digest_similarity=None)
+    assert report.policy == "subsample"  # LLoVi's templates: no digest, even over budget
 
 
 def test_budget_too_small_keeps_nothing_without_crashing() -> None:
     kept, report = fit_transcript(_transcript(["a b c d"] * 2 + ["x y z w"]), 2, words)
-    assert kept == [] and report.captions_kept == 0 and report.policy == "dedup+subsample"
+    assert kept == [] and report.captions_kept == 0 and report.policy == "digest+subsample"
 
 
 def test_budget_unbounded_without_limit() -> None:
@@ -120,23 +150,107 @@ def _question() -> Question:
 
 
 def test_templates_registered_and_unknown_name_lists_known() -> None:
-    assert {"standard", "summarize_then_answer", "cot"} <= set(TEMPLATES)
-    with pytest.raises(ReaderError, match="known: cot, standard, summarize_then_answer"):
+    assert set(TEMPLATES) == {"standard", "summarize_then_answer", "cot", "llovi_standard",
+                              "llovi_sum_q", "llovi_zs_cot"}
+    with pytest.raises(ReaderError, match="known: cot, llovi_standard, llovi_sum_q"):
         get_template("nope")
 
 
-@pytest.mark.parametrize("name", ["standard", "summarize_then_answer", "cot"])
-def test_every_template_fills_from_prompt_fields(name: str) -> None:
+TRANSCRIPT = "0-2: a man\n3: a door"
+
+
+def _rendered(name: str, transcript: str = TRANSCRIPT) -> list[str]:
     template = get_template(name)
-    fields = prompt_fields(_question(), "0: a man\n1: a door", 180.0, 180, 100)
-    fields["summary"] = "SUMMARY TEXT"  # stage outputs a later stage may use
-    texts = [fill(s.user, fields, name) for s in template.stages]
-    first = texts[0]
-    assert "0: a man\n1: a door" in first or "SUMMARY" in first
-    assert "180 seconds" in first and "1 seconds" in first  # length and seconds per caption
-    assert "What does the man do?" in texts[-1]
-    assert "E. nobody is in the kitchen" in texts[-1]
+    fields = prompt_fields(_question(), transcript, 180.0, 180, 500)
+    fields["summary"] = "SUMMARY TEXT"  # the output a later stage uses
     assert set(template.fields()) <= set(fields)
+    return [fill(s.user, fields, name) for s in template.stages]
+
+
+def _in_order(text: str, *parts: str) -> None:
+    """Every part is in `text`, in this order."""
+    at = 0
+    for part in parts:
+        found = text.find(part, at)
+        assert found >= 0, f"{part!r} missing (or out of order) in {text!r}"
+        at = found + len(part)
+
+
+OURS_OPTIONS = "A. the man cuts onions\nB. the man washes dishes"
+LLOVI_OPTIONS = " A: the man cuts onions\n B: the man washes dishes"
+
+
+def test_ours_standard_structure() -> None:
+    (text,) = _rendered("standard")
+    template = get_template("standard")
+    assert template.family == "ours" and template.digest and template.lines == "timed"
+    _in_order(text, "`a-b: description`", "180 seconds", "about 1 seconds", '"C" is the camera',
+              TRANSCRIPT, "Question: What does the man do?", OURS_OPTIONS,
+              "E. nobody is in the kitchen", "single letter")
+    assert template.stages[0].answer == "choice"
+
+
+def test_ours_multi_stage_flows_end_in_the_constrained_choice() -> None:
+    summary, answer = _rendered("summarize_then_answer")
+    _in_order(summary, TRANSCRIPT, "Question: What does the man do?", "about 500 words")
+    assert "A. the man" not in summary  # the summary is asked without the options
+    _in_order(answer, "SUMMARY TEXT", '"C" is the camera wearer', OURS_OPTIONS, "single letter")
+    reasoning, letter = _rendered("cot")
+    _in_order(reasoning, TRANSCRIPT, "Question:", OURS_OPTIONS, "step by step")
+    assert "single letter" in letter and get_template("cot").conversation
+    for name in ("summarize_then_answer", "cot"):
+        assert get_template(name).stages[-1].answer == "choice"
+
+
+def test_llovi_standard_structure() -> None:
+    """qa_standard: the letter rule, descriptions (duration, clip length, captions joined
+    untimed), the question, the choices as " A: ..."; the first character is the answer."""
+    joined = "a man. a door"
+    (text,) = _rendered("llovi_standard", joined)
+    template = get_template("llovi_standard")
+    assert (template.family, template.lines, template.digest, template.reading) == (
+        "llovi", "llovi", False, "first_char")
+    _in_order(text, "exactly one of the letters A, B, C, D, E", "180 seconds", "1 seconds",
+              f"Descriptions: {joined}.", "Question: What does the man do?.", "Choices:",
+              LLOVI_OPTIONS, " E: nobody is in the kitchen")
+    assert '"C" is the camera' not in text and "a-b:" not in text  # no extra notes
+
+
+def test_llovi_sum_q_structure() -> None:
+    """sum_q (summary of summary_words words, with the question, no choices), then qa_sum
+    (the letter rule, the summary as descriptions, question, choices) as a new request."""
+    summary, answer = _rendered("llovi_sum_q", "a man. a door")
+    template = get_template("llovi_sum_q")
+    assert not template.conversation and template.stages[0].sampling == "summary"
+    _in_order(summary, "180 seconds", "Descriptions: a man. a door.", "500 words",
+              "What does the man do?")
+    assert "A: the man" not in summary
+    _in_order(answer, "exactly one of the letters", "180 seconds", "Descriptions: SUMMARY TEXT.",
+              "Question: What does the man do?.", LLOVI_OPTIONS)
+    assert "each one for" not in answer  # LLoVi's qa_sum has no clip length
+
+
+def test_llovi_zs_cot_structure() -> None:
+    """qa_zs-cot: descriptions, question, choices and "step by step"; then, in the same
+    conversation, a turn asking for the letter only."""
+    reasoning, letter = _rendered("llovi_zs_cot", "a man. a door")
+    assert get_template("llovi_zs_cot").conversation
+    _in_order(reasoning, "Descriptions: a man. a door.", "Question:", LLOVI_OPTIONS,
+              "step by step")
+    assert "exactly one of the letters A, B, C, D, E and nothing else" in letter
+    assert "Descriptions" not in letter
+
+
+def test_llovi_reads_the_first_character_only() -> None:
+    assert first_char_answer("C") == 2 and first_char_answer("B) the man") == 1
+    for reply in (" C", "c", "The answer is C", "", None, "(C)"):
+        assert first_char_answer(reply) is None, reply
+
+
+def test_option_order_shifts_the_shown_options() -> None:
+    fields = prompt_fields(_question(), "", 10.0, 10, 50, order=[2, 3, 4, 0, 1])
+    assert fields["options"].splitlines()[0] == "A. the woman reads a book"
+    assert fields["option_d"] == "the man cuts onions"
 
 
 def test_fill_is_strict() -> None:
@@ -165,10 +279,7 @@ SHAPES = {
     "The answer is: c": 2,
     "The answer is C because the woman is reading.": 2,
     "The best answer would be B": 1,
-    "Option 3": 2,
     "option c": 2,
-    "Choice: 5": 4,
-    "The correct option is 4.": 3,
     "C) the woman reads a book": 2,
     "c. the woman reads": 2,
     "(B) because he is at the sink": 1,
@@ -186,6 +297,11 @@ INVALID = [
     "the answer is a man cooking",  # "a" is an article, not option A
     "the man cuts onions and then the man washes dishes",  # two options restated
     "Option 9",
+    # Options are labelled A-E: a bare number is ambiguous (tests/test_parsing.py reads
+    # numbers in a prompt's own numbering).
+    "Option 3",
+    "Choice: 5",
+    "The correct option is 4.",
 ]
 
 

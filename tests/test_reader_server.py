@@ -7,6 +7,7 @@ its own, and the never-healthy tests use small stand-in processes with short tim
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import signal
 import sys
@@ -20,9 +21,11 @@ import pytest
 from reader_fixtures import make_items, tiny_settings
 
 from pipeline.errors import ReaderError
-from qa.evaluate import accuracy, read_answers
+from qa.answers import AnswerRecord
+from qa.evaluate import read_answers
 from qa.reader import Reader, answer_questions
 from qa.server import ManagedServer
+from qa.settings import LLoViSettings, ReaderSettings
 from qa.tiny import build_tiny_reader
 
 
@@ -112,7 +115,7 @@ def test_budget_policy_recorded_for_long_transcripts(server: ManagedServer, tmp_
     )
     for r in records:
         assert r.error is None, r.error
-        assert r.budget["policy"] == "dedup+subsample"
+        assert r.budget["policy"] == "digest+subsample"
         assert r.budget["counter"] == "tokenizer"
         assert r.budget["captions_in"] == 400 and 0 < r.budget["captions_kept"] < 400
         assert r.prompt_tokens <= settings.max_model_len
@@ -140,24 +143,136 @@ def test_resume_skips_done_and_retries_failed(server: ManagedServer, tmp_path: P
     assert len(lines) == 2 + 1 + 3  # first run, the failed line, 2 new + the retried one
 
 
-def test_free_text_templates_record_raw_output(server: ManagedServer, tmp_path: Path) -> None:
+def _settings(server: ManagedServer, **overrides: object) -> ReaderSettings:
+    """The server's settings; one request at a time, so a question's requests follow each
+    other in what the spy saw."""
+    overrides.setdefault("concurrency", 1)
+    return tiny_settings(Path(server.settings.model), port=server.settings.port, **overrides)
+
+
+class _Spy:
+    """Passes every request to the real server and keeps what was sent."""
+
+    def __init__(self, reader: Reader) -> None:
+        self.sent: list[dict] = []
+        self._create = reader.client.chat.completions.create
+        reader.client.chat.completions.create = self  # type: ignore[method-assign]
+
+    async def __call__(self, **kwargs: object) -> object:
+        self.sent.append(kwargs)
+        return await self._create(**kwargs)
+
+
+def _answer_with_spy(settings: ReaderSettings, server: ManagedServer,
+                     items: list) -> tuple[list[AnswerRecord], list[dict]]:
+    async def run() -> tuple[list[AnswerRecord], list[dict]]:
+        reader = Reader(settings, server.base_url)
+        spy = _Spy(reader)
+        try:
+            return await reader.answer_all(items, progress=False), spy.sent
+        finally:
+            await reader.close()
+
+    return asyncio.run(run())
+
+
+def test_our_multi_stage_flows_end_in_a_constrained_letter(server: ManagedServer) -> None:
     items = make_items(2, seed=6, prefix="free")
     for template in ("cot", "summarize_then_answer"):
-        settings = tiny_settings(
-            Path(server.settings.model), port=server.settings.port, template=template
-        )
-        out = tmp_path / f"{template}.jsonl"
-        records = answer_questions(settings, items, out, progress=False, server=server)
+        records, sent = _answer_with_spy(_settings(server, template=template), server, items)
         for r in records:
-            assert r.error is None and r.template == template
-            assert len(r.stage_outputs) == (1 if template == "cot" else 2)
-            assert r.completion_tokens >= 1
-            if template == "cot":  # random weights: unreadable, recorded as invalid with text
-                assert r.prediction is None or r.letter is not None
-                assert r.raw_output == r.stage_outputs[-1]
-            else:  # the final stage is a constrained letter
-                assert r.letter in {"A", "B", "C", "D", "E"}
-        assert accuracy(records).total == 2
+            assert r.error is None and r.template == template and len(r.stage_outputs) == 2
+            assert r.letter in {"A", "B", "C", "D", "E"} and r.option_probs is not None
+            assert len(r.finish_reasons) == 2
+        first, second = sent[0], sent[1]
+        assert "structured_outputs" not in first.get("extra_body", {})
+        assert second["extra_body"]["structured_outputs"]["choice"] == list("ABCDE")
+        if template == "cot":  # one conversation: turn 2 carries turn 1 and its reply
+            assert [m["role"] for m in second["messages"]] == [
+                "system", "user", "assistant", "user"]
+            assert second["messages"][2]["content"] == records[0].stage_outputs[0]
+        else:  # two requests: the answer sees the summary, not the transcript
+            assert [m["role"] for m in second["messages"]] == ["system", "user"]
+            assert records[0].stage_outputs[0].strip() in second["messages"][1]["content"]
+
+
+def test_llovi_flows_run_with_llovis_settings(server: ManagedServer) -> None:
+    items = make_items(2, seed=7, prefix="llovi")
+    llovi = LLoViSettings(summary_words=30, summary_max_tokens=24)
+    for template, turns in (("llovi_standard", 1), ("llovi_sum_q", 2), ("llovi_zs_cot", 2)):
+        settings = _settings(server, template=template, llovi=llovi, max_tokens=24)
+        records, sent = _answer_with_spy(settings, server, items)
+        assert len(sent) == 2 * turns
+        for r, request in zip(records, sent[turns - 1 :: turns], strict=True):
+            assert r.error is None and len(r.stage_outputs) == turns
+            assert "structured_outputs" not in request.get("extra_body", {})  # free text
+            # LLoVi reads the first character: a letter, or invalid with the reason.
+            assert r.prediction == ("ABCDE".index(r.raw_output[0])
+                                    if r.raw_output[:1] in list("ABCDE") else None)
+            assert r.prediction is not None or r.invalid_reason
+            assert r.budget["digest"] is False
+        transcript_text = sent[0]["messages"][-1]["content"]
+        assert ". " in transcript_text and "\n0: " not in transcript_text  # joined, untimed
+        if template == "llovi_sum_q":
+            summary_request = sent[0]
+            assert summary_request["temperature"] == 1.0 and summary_request["max_tokens"] == 24
+        if template == "llovi_zs_cot":
+            assert [m["role"] for m in sent[1]["messages"]] == [
+                "system", "user", "assistant", "user"]
+    # As an option, the last turn is the constrained choice.
+    settings = _settings(server, template="llovi_standard",
+                         llovi=LLoViSettings(constrained_choice=True))
+    records, sent = _answer_with_spy(settings, server, items)
+    assert all(r.letter in list("ABCDE") and r.option_probs for r in records)
+    assert sent[0]["extra_body"]["structured_outputs"]["choice"] == list("ABCDE")
+
+
+def test_permutations_average_each_options_probability_over_shifts(
+    server: ManagedServer,
+) -> None:
+    items = make_items(3, seed=8, prefix="perm")
+    settings = _settings(server, permutations=5)
+    records, sent = _answer_with_spy(settings, server, items)
+    assert len(sent) == 15
+    for r in records:
+        assert r.error is None and len(r.shift_probs) == 5
+        for probs in r.shift_probs:
+            assert sum(probs) == pytest.approx(1.0, abs=1e-6)
+        mean = [sum(p[i] for p in r.shift_probs) / 5 for i in range(5)]
+        assert r.option_probs == pytest.approx(mean)
+        assert r.prediction == max(range(5), key=mean.__getitem__)
+    # Each shift shows the options rotated: position A of shift k is option k.
+    shown = [req["messages"][-1]["content"].split("Options:\n")[1].splitlines()[0]
+             for req in sent[:5]]
+    assert shown == [f"A. {items[0][0].options[k]}" for k in range(5)]
+
+
+def test_summarize_then_answer_shares_its_summary_across_shifts(server: ManagedServer) -> None:
+    items = make_items(1, seed=9, prefix="permsum")
+    settings = _settings(server, template="summarize_then_answer", permutations=3)
+    records, sent = _answer_with_spy(settings, server, items)
+    assert len(sent) == 1 + 3  # the summary (no options shown) once, the choice per shift
+    assert len(records[0].shift_probs) == 3
+
+
+def test_a_truncated_free_text_stage_is_marked(server: ManagedServer) -> None:
+    items = make_items(2, seed=12, prefix="trunc")
+    settings = _settings(server, template="summarize_then_answer", max_tokens=2,
+                         temperature=1.0)
+    records, _ = _answer_with_spy(settings, server, items)
+    for r in records:
+        assert r.finish_reasons[0] == "length" and r.truncated
+        assert r.letter is not None  # the constrained answer still came back
+
+
+def test_a_question_overflowing_the_context_fails_before_any_request(
+    server: ManagedServer,
+) -> None:
+    (question, transcript), = make_items(1, seed=13, prefix="huge")
+    huge = dataclasses.replace(question, question="why " * 3000)
+    records, sent = _answer_with_spy(server.settings, server, [(huge, transcript)])
+    assert sent == [] and records[0].attempts == 0
+    assert "question huge0" in records[0].error and "max_model_len" in records[0].error
 
 
 def test_server_killed_mid_run_records_failures(tiny_model: Path, tmp_path: Path) -> None:
