@@ -201,6 +201,61 @@ def _hardware() -> dict[str, Any]:
     return info
 
 
+# Reader settings that change answers (not how fast they come: concurrency, timeouts, ...).
+_ANSWER_KEYS = ("model", "served_name", "system_prompt", "structured_choice", "temperature",
+                "max_tokens", "summary_words", "max_model_len", "reserve_tokens",
+                "dedup_threshold", "digest", "digest_similarity", "permutations", "llovi")
+
+
+def run_identity(config: Config, dataset: str, captioner: str) -> dict[str, Any]:
+    """Everything that decides a run's answers: the dataset, the captioner (its identity,
+    model files fingerprinted), the sampling, the template and its text, and the reader's
+    answer-changing settings. A run folder is only resumed by a run of the same identity."""
+    from qa.prompts import get_template
+
+    reader = dataclasses.asdict(config.reader)
+    template = get_template(config.reader.template)
+    return {
+        "dataset": dataset,
+        "dataset_settings": dataclasses.asdict(config.datasets[dataset])
+        if dataset in config.datasets else None,
+        "captioner": captioner_identity(config.captioner, captioner),
+        "sampling": sampling_identity(config.sampling),
+        "template": template.to_dict(),
+        "reader": {k: reader[k] for k in _ANSWER_KEYS},
+    }
+
+
+def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two JSON-like trees."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        keys = sorted(set(old) | set(new))
+        return [d for k in keys for d in _differences(old.get(k), new.get(k),
+                                                     f"{prefix}{k}.")]
+    return [] if old == new else [prefix.rstrip(".")]
+
+
+def check_same_run(folder: Path, identity: dict[str, Any]) -> None:
+    """Refuse to resume `folder` with settings that would mix answers of two runs."""
+    path = folder / "run.json"
+    if not path.exists():
+        if (folder / "predictions.jsonl").exists():
+            raise PipelineError(
+                f"{folder} has answers but no run.json (made by an older version): its "
+                "settings cannot be checked; rerun with --new for a new run folder"
+            )
+        return
+    old = json.loads(path.read_text())
+    changed = _differences(old, json.loads(json.dumps(identity)))
+    if changed:
+        shown = ", ".join(changed[:8]) + (f" and {len(changed) - 8} more" if len(changed) > 8
+                                          else "")
+        raise PipelineError(
+            f"{folder} was run with other settings ({shown}); resuming would mix answers "
+            "of two configurations: rerun with --new for a new run folder (or --run-dir DIR)"
+        )
+
+
 def choose_run_dir(config: Config, dataset: str, captioner: str, run_dir: str | None,
                    new: bool) -> tuple[Path, bool]:
     """The run folder and whether it resumes an unfinished run of the same dataset/captioner."""
@@ -243,8 +298,12 @@ def run_videoqa(
     check_captioner_name(captioner_name)  # before any output is written
     dataset: Dataset = load_dataset(dataset_name, config.datasets)
     folder, resumed = choose_run_dir(config, dataset_name, captioner_name, run_dir, new)
+    identity = run_identity(config, dataset_name, captioner_name)
+    if resumed:
+        check_same_run(folder, identity)
     folder.mkdir(parents=True, exist_ok=True)
     print(f"{'resuming' if resumed else 'run folder'}: {folder}")
+    (folder / "run.json").write_text(json.dumps(identity, indent=1))
     snapshot = dict(config.to_dict(), run={"dataset": dataset_name, "captioner": captioner_name})
     (folder / "config.yaml").write_text(yaml.safe_dump(snapshot, sort_keys=False))
     failures_path = folder / "failures.jsonl"

@@ -22,6 +22,7 @@ from pipeline.cache import CaptionCache
 from pipeline.compare import compare_table, load_runs
 from pipeline.config import load_config
 from pipeline.demo_data import generate_demo_dataset
+from pipeline.errors import PipelineError
 from pipeline.run import run_videoqa
 from qa.server import ManagedServer
 from qa.settings import ReaderSettings
@@ -183,3 +184,24 @@ def test_killed_run_resumes_without_captioning_any_video_twice(tmp_path, models,
     assert metrics["captioned_videos"] == 6 - cached_before
     assert len(list(records_dir.rglob("*.json"))) == 6
     assert metrics["answered"] == 6
+
+
+def test_resuming_with_other_settings_is_refused_naming_them(tmp_path, models, reader_server):
+    data = _dataset(tmp_path / "data", 2, seconds=4.0)
+    overrides = _overrides(tmp_path, models, data, reader_server, ray=False)
+    folder = tmp_path / "runs" / "fixed"
+    folder.mkdir(parents=True)
+    # An unfinished run of the standard template: run.json, a config, no metrics yet.
+    config = load_config(None, overrides)
+    from pipeline.run import run_identity
+
+    (folder / "run.json").write_text(json.dumps(run_identity(config, "tiny", "mmser")))
+    (folder / "config.yaml").write_text("{}")
+    changed = load_config(None, [*overrides, "reader.template=cot", "reader.permutations=2"])
+    with pytest.raises(PipelineError, match=r"other settings \(reader\.permutations, "
+                       r"template\.conversation, .*--new"):
+        run_videoqa(changed, "tiny", "mmser", run_dir=str(folder))
+    assert not (folder / "predictions.jsonl").exists()  # refused before any work
+    # The same settings resume; a new folder is always allowed.
+    assert (run_videoqa(config, "tiny", "mmser", run_dir=str(folder)) / "metrics.json").exists()
+    assert run_videoqa(changed, "tiny", "mmser", new=True) != folder
