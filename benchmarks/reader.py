@@ -11,7 +11,17 @@ letter). Writes `benchmarks/results/reader.json` with `concurrency_speedup` = q/
 q/s(1) for the first template and `concurrency_speedup_by_template`, plus the CPU each
 process used: whether concurrency had idle cores left to use. Every measurement uses fresh
 transcripts, so vLLM's prefix cache cannot make a rerun look fast. The model's weights are
-random: this measures serving throughput, never answer quality."""
+random: this measures serving throughput, never answer quality.
+
+Two more measurements in the same server session:
+- option-order debiasing: on --bias-questions questions, the share of the most frequent
+  predicted letter with one option order (`position_bias_raw`; a random model has a strong
+  position bias) and with `reader.permutations` 5 cyclic shifts averaged
+  (`position_bias_debiased`, goal <= 0.3), and the tokens each costs per question;
+- the caption digest, on the demo dataset as captioned by the demo captioner (made and
+  cached by `make demo`; built here when missing): transcript tokens per question with the
+  digest on / off (`digest_token_ratio`, goal <= 0.5) and the share of distinct captions
+  (after normalisation) still in the prompt with it on (`digest_distinct_kept`)."""
 
 from __future__ import annotations
 
@@ -83,6 +93,103 @@ async def measure(
     return seconds, sum(r.failed for r in records), sum(r.completion_tokens for r in records)
 
 
+async def answer(settings: ReaderSettings, base_url: str,
+                 items: list[tuple[Question, Transcript]]) -> list:
+    reader = Reader(settings, base_url)
+    try:
+        return await reader.answer_all(items, progress=False)
+    finally:
+        await reader.close()
+
+
+def top_letter_share(records: list) -> float:
+    """The share of answered questions whose predicted letter is the most frequent one."""
+    from collections import Counter
+
+    letters = Counter(r.letter for r in records if r.letter)
+    return max(letters.values()) / sum(letters.values()) if letters else 0.0
+
+
+def debiasing(settings: ReaderSettings, base_url: str, n: int, captions: int,
+              seed: int) -> dict[str, object]:
+    """Position bias and token cost, one option order vs 5 cyclic shifts, same questions."""
+    import dataclasses
+    from collections import Counter
+
+    items = make_questions(n, captions, seed)
+    out: dict[str, object] = {"questions": n}
+    for label, permutations in (("raw", 1), ("debiased", 5)):
+        run = dataclasses.replace(settings, permutations=permutations, template="standard")
+        records = asyncio.run(answer(run, base_url, items))
+        out[f"position_bias_{label}"] = round(top_letter_share(records), 3)
+        out[f"letters_{label}"] = dict(sorted(Counter(r.letter for r in records).items(),
+                                             key=lambda kv: str(kv[0])))
+        out[f"tokens_per_question_{label}"] = round(
+            sum(r.prompt_tokens + r.completion_tokens for r in records) / n, 1)
+        out[f"failed_{label}"] = sum(r.failed for r in records)
+        out[f"invalid_{label}"] = sum(1 for r in records if not r.failed and not r.valid)
+    out["token_cost_ratio"] = round(
+        out["tokens_per_question_debiased"] / out["tokens_per_question_raw"], 2)  # type: ignore[operator]
+    return out
+
+
+def demo_items() -> list[tuple[Question, Transcript]]:
+    """The demo dataset's questions with the demo captioner's transcripts (cached)."""
+    from pipeline.cli import demo_overrides
+    from pipeline.config import load_config
+    from pipeline.datasets import load_dataset
+    from pipeline.demo_data import generate_demo_dataset, train_demo_captioner
+    from pipeline.run import caption_videos_cached
+
+    base = load_config()
+    root = Path(base.datasets["demo"].root)
+    generate_demo_dataset(root)
+    captioner = train_demo_captioner(root)
+    config = load_config(None, demo_overrides(root / "models", captioner))
+    dataset = load_dataset("demo", config.datasets)
+    videos = [dataset.videos[v] for v in sorted({q.video_id for q in dataset.questions})]
+    outcome = caption_videos_cached(videos, config, "mmser")
+    return [(q, outcome.transcripts[q.video_id]) for q in dataset.questions
+            if q.video_id in outcome.transcripts]
+
+
+def digest_figures(items: list[tuple[Question, Transcript]],
+                   settings: ReaderSettings) -> dict[str, object]:
+    """Transcript tokens with the digest on / off, and the distinct captions kept."""
+    import dataclasses
+
+    from qa.prompts import prompt_fields
+    from qa.transcript import fit_transcript, normalise, render_lines
+
+    reader = Reader(dataclasses.replace(settings, template="standard"), "http://unused/v1")
+    tokens = {"on": 0, "off": 0}
+    kept_shares, lines = [], {"in": 0, "on": 0}
+    for question, transcript in items:
+        fields = prompt_fields(question, "", transcript.duration, 0, settings.summary_words)
+        budget = reader.budget_tokens(fields, question.q_uid)
+        for label, similarity in (("on", settings.digest_similarity), ("off", None)):
+            kept, _ = fit_transcript(transcript, budget, reader.count_tokens,
+                                     settings.dedup_threshold, similarity)
+            tokens[label] += reader.count_tokens(render_lines(kept))
+            if label == "on":
+                distinct = {normalise(c.caption) for c in transcript.captions}
+                in_prompt = {normalise(line.text) for line in kept}
+                kept_shares.append(len(distinct & in_prompt) / len(distinct))
+                lines["on"] += len(kept)
+        lines["in"] += len(transcript.captions)
+    n = len(items)
+    return {
+        "questions": n,
+        "captions_per_question": round(lines["in"] / n, 1),
+        "lines_per_question_digest": round(lines["on"] / n, 1),
+        "transcript_tokens_per_question_digest_off": round(tokens["off"] / n, 1),
+        "transcript_tokens_per_question_digest_on": round(tokens["on"] / n, 1),
+        "digest_token_ratio": round(tokens["on"] / tokens["off"], 3),
+        "digest_distinct_kept": round(min(kept_shares), 3),
+        "example": render_lines(fit_transcript(items[0][1], None, reader.count_tokens)[0])[:600],
+    }
+
+
 def role(process: psutil.Process, server_pid: int) -> str:
     """Which part of the serving stack a process is (vLLM names its children)."""
     if process.pid == os.getpid():
@@ -120,6 +227,10 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64,
                         help="length cap of free-text stages (summaries, chain of thought)")
     parser.add_argument("--port", type=int, default=18765)
+    parser.add_argument("--bias-questions", type=int, default=120,
+                        help="questions of the debiasing measurement (>= 100)")
+    parser.add_argument("--no-digest", action="store_true",
+                        help="skip the digest measurement (it needs the demo's captions)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
 
@@ -138,6 +249,9 @@ def main() -> None:
         reserve_tokens=64 + args.max_tokens,
         max_tokens=args.max_tokens,
     )
+    digest = None
+    if not args.no_digest:  # before the server: it may train the demo captioner
+        digest = digest_figures(demo_items(), settings)
     rows = []
     seed = 0
     with ManagedServer(settings) as server:
@@ -176,6 +290,8 @@ def main() -> None:
                     }
                 )
 
+        bias = debiasing(settings, server.base_url, args.bias_questions, 60, seed + 100)
+
     def speedup(template: str) -> float:
         qps = [r["questions_per_s"] for r in rows if r["template"] == template]
         return round(qps[-1] / qps[0], 3)
@@ -194,7 +310,13 @@ def main() -> None:
         "template": args.templates[0],
         "concurrency_speedup": speedup(args.templates[0]),
         "concurrency_speedup_by_template": {t: speedup(t) for t in args.templates},
-        "note": "random weights: throughput only, never answer quality",
+        "debiasing": bias,
+        "position_bias_raw": bias["position_bias_raw"],
+        "position_bias_debiased": bias["position_bias_debiased"],
+        "digest": digest,
+        "digest_token_ratio": digest["digest_token_ratio"] if digest else None,
+        "digest_distinct_kept": digest["digest_distinct_kept"] if digest else None,
+        "note": "random weights: throughput and position bias only, never answer quality",
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
@@ -217,6 +339,20 @@ def main() -> None:
         label = f"{args.concurrency[-1]} vs {args.concurrency[0]}, {template}"
         print(f"concurrency_speedup ({label}): {speedup(template):.2f}x")
     print(f"concurrency_speedup = {result['concurrency_speedup']:.2f}x (default template)")
+    print(f"\noption-order debiasing, {bias['questions']} questions (goal: debiased <= 0.3):")
+    for label in ("raw", "debiased"):
+        print(f"  {label:>8}: top letter share {bias[f'position_bias_{label}']:.3f}, "
+              f"letters {bias[f'letters_{label}']}, "
+              f"{bias[f'tokens_per_question_{label}']:.0f} tokens/question")
+    print(f"  token cost of debiasing: {bias['token_cost_ratio']:.2f}x")
+    if digest:
+        print(f"caption digest on the demo dataset ({digest['questions']} questions, "
+              f"{digest['captions_per_question']} captions each; goal: ratio <= 0.5):")
+        off = digest["transcript_tokens_per_question_digest_off"]
+        on = digest["transcript_tokens_per_question_digest_on"]
+        print(f"  transcript tokens/question: off {off}, on {on}; "
+              f"digest_token_ratio {digest['digest_token_ratio']:.3f}; "
+              f"digest_distinct_kept {digest['digest_distinct_kept']:.3f}")
 
 
 if __name__ == "__main__":
