@@ -136,6 +136,55 @@ def _reason(exc: BaseException, stderr: list[str], path: str) -> str:
     return f"{text} ({detail})" if detail else text
 
 
+def _top_level_boxes(path: Path, limit: int = 64) -> list[str] | None:
+    """The top-level box types of an ISO-BMFF (MP4 / MOV) file, None when it is not one; a
+    box cut short by the end of the file is named "<type> (cut short)". Hand-written: FFmpeg's "moov atom not found" goes to its log, not to the exception, and
+    reading 8-byte box headers needs no library."""
+    boxes: list[str] = []
+    try:
+        size_total = path.stat().st_size
+        with path.open("rb") as fh:
+            offset = 0
+            while offset + 8 <= size_total and len(boxes) < limit:
+                fh.seek(offset)
+                header = fh.read(8)
+                size, kind = int.from_bytes(header[:4], "big"), header[4:8]
+                if size == 1:  # a 64-bit size follows
+                    size = int.from_bytes(fh.read(8), "big")
+                elif size == 0:  # the box runs to the end of the file
+                    size = size_total - offset
+                if size < 8 or not kind.isascii():
+                    break
+                # A box running past the end of the file is cut short: not a whole box.
+                name = kind.decode("ascii", "replace")
+                boxes.append(name if offset + size <= size_total else name + " (cut short)")
+                offset += size
+    except OSError:
+        return None
+    return boxes if boxes and boxes[0].split()[0] in ("ftyp", "wide", "free", "mdat", "moov") \
+        else None
+
+
+def _plain_reason(path: Path, reason: str) -> str:
+    """A plain reason before decord's own text for the two cases users meet most."""
+    if "cannot find video stream" not in reason and "moov atom" not in reason:
+        return reason
+    boxes = _top_level_boxes(path)
+    if boxes is not None and "moov" not in boxes:
+        return ("incomplete file: no MP4 index (moov atom), truncated or still being "
+                f"written; {reason}")
+    try:
+        import av
+
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                kinds = sorted({s.type for s in container.streams}) or ["no"]
+                return f"no video stream ({', '.join(kinds)} streams only: audio only?); {reason}"
+    except Exception:  # PyAV cannot read it either: decord's text is all there is
+        pass
+    return reason
+
+
 # --- sampling ---------------------------------------------------------------------------
 
 
@@ -177,7 +226,8 @@ def sample_video(path: str | Path, video_id: str, sampling: SamplingSettings) ->
                 del reader
                 gc.collect()
     except (RuntimeError, DECORDError, ValueError) as exc:
-        raise VideoDecodeError(str(path), _reason(exc, stderr, str(path))) from exc
+        reason = _plain_reason(path, _reason(exc, stderr, str(path)))
+        raise VideoDecodeError(str(path), reason) from exc
 
     if frames.shape[0] != len(indices):
         raise VideoDecodeError(

@@ -32,7 +32,24 @@ def videos(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     (root / "corrupt.mp4").write_bytes(np.random.default_rng(0).bytes(20_000))
     (root / "empty.mp4").write_bytes(b"")
     (root / "folder.mp4").mkdir()
+    _write_audio_only(root / "audio_only.mp4")
     return {p.stem: p for p in root.iterdir()}
+
+
+def _write_audio_only(path: Path) -> None:
+    """An MP4 holding one AAC audio stream and no video."""
+    import av
+
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("aac", rate=16000)
+        for _ in range(20):
+            frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), dtype=np.float32),
+                                               format="fltp", layout="mono")
+            frame.sample_rate = 16000
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode(None):
+            container.mux(packet)
 
 
 def stamped(frames: np.ndarray) -> list[int]:
@@ -88,7 +105,10 @@ def test_resize_at_decode_gives_the_asked_size(videos):
     ("name", "words"),
     [
         ("corrupt", "Invalid data found"),  # FFmpeg's words, from decord's stderr
-        ("truncated", "moov atom not found"),
+        ("truncated", "incomplete file: no MP4 index (moov atom), truncated or still being"),
+        ("truncated", "moov atom not found"),  # decord's own text is kept after the reason
+        ("audio_only", "no video stream (audio streams only: audio only?)"),
+        ("audio_only", "cannot find video stream"),
         ("truncated_stream", "partial file"),
         ("empty", "empty file"),
         ("missing", "no such file"),
