@@ -19,7 +19,7 @@ import jsonschema
 import pytest
 from reader_fixtures import tiny_settings
 
-import pipeline.perturb as perturb_module
+import qa.server as server_module
 from captioner.perturb import (
     Edit,
     PerturbSettings,
@@ -143,7 +143,8 @@ def test_managed_mode_starts_a_server_for_the_call(
         started.append(settings)  # stands in for a second 40-s start-up: the module's one
         yield server
 
-    monkeypatch.setattr(perturb_module, "ManagedServer", managed)
+    # The managed server is started by qa.server.server_url, shared with the judge.
+    monkeypatch.setattr(server_module, "ManagedServer", managed)
     out = tmp_path / "p.jsonl"
     report = perturb_captions(ITEMS[:3], out, SETTINGS, reader=server.settings, progress=False)
     assert started == [server.settings] and report.written == 3
