@@ -138,8 +138,9 @@ def _reason(exc: BaseException, stderr: list[str], path: str) -> str:
 
 def _top_level_boxes(path: Path, limit: int = 64) -> list[str] | None:
     """The top-level box types of an ISO-BMFF (MP4 / MOV) file, None when it is not one; a
-    box cut short by the end of the file is named "<type> (cut short)". Hand-written: FFmpeg's "moov atom not found" goes to its log, not to the exception, and
-    reading 8-byte box headers needs no library."""
+    box cut short by the end of the file is named "<type> (cut short)". Hand-written:
+    FFmpeg's "moov atom not found" goes to its log, not to the exception, and reading
+    8-byte box headers needs no library."""
     boxes: list[str] = []
     try:
         size_total = path.stat().st_size
