@@ -13,7 +13,7 @@ export HF_HUB_OFFLINE ?= 1
 
 .PHONY: help install demo test lint videoqa serve-reader train bench-decode bench-captioner \
 	bench-reader bench-pipeline bench-captioners bench-learn bench-captioning \
-	eval-captions compare clean
+	eval-captions data compare clean
 
 help:  ## list the commands
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
@@ -66,6 +66,9 @@ bench-learn: install  ## does refinement learn to correct by looking? 3 seeds on
 
 bench-captioning: install  ## caption-quality table (BLEU, ROUGE-L, CIDEr, METEOR, BERTScore) on the synthetic world
 	$(PY) -m benchmarks.captioning $(ARGS)
+
+data: install  ## import EgoSchema: make data DATASET=egoschema SRC=path/to/copy (ARGS=--remove-zips)
+	$(PY) -m pipeline data $(DATASET) --from $(SRC) $(ARGS)
 
 eval-captions: install  ## score a captioner on a test split: make eval-captions ARGS='--data F --format coco --split test'
 	$(PY) -m pipeline eval-captions $(ARGS)

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 from pipeline.config import Config, load_config
-from pipeline.errors import PipelineError
+from pipeline.errors import KNOWN_ERRORS, PipelineError
 
 log = logging.getLogger("mmser")
 
@@ -355,6 +355,54 @@ def cmd_eval_captions(args: argparse.Namespace) -> int:
     return 0 if run.scores is not None else 1
 
 
+def cmd_data(args: argparse.Namespace) -> int:
+    """`data ls`, or import a dataset into its configured folder."""
+    config = _config(args)
+    if args.what == "ls":
+        return _data_ls(config)
+    settings = config.datasets.get(args.what)
+    if settings is None or settings.format != "egoschema":
+        known = [n for n, d in config.datasets.items() if d.format == "egoschema"]
+        raise PipelineError(f"data {args.what}: not an EgoSchema-format dataset in config.yaml "
+                            f"(those are: {', '.join(known) or 'none'})")
+    if not args.source:
+        raise PipelineError(f"data {args.what}: name the copy to import with --from SRC")
+    from pipeline.egoschema_import import import_egoschema
+
+    report = import_egoschema(Path(args.source), Path(settings.root),
+                              remove_zips=args.remove_zips, link=not args.copy)
+    print(report.summary())
+    if report.ok:
+        print(f"now: make videoqa DATASET={args.what}")
+    return 0 if report.ok else 1
+
+
+def _data_ls(config: Config) -> int:
+    from pipeline.datasets import find_videos, load_dataset
+
+    print(f"{'dataset':<12} {'format':<10} {'questions':>9} {'subset':>6} {'videos':>7} "
+          f"{'missing':>7}  root")
+    for name, settings in config.datasets.items():
+        root = Path(settings.root)
+        if settings.format == "folder":
+            count = len(find_videos(root)) if root.is_dir() else 0
+            print(f"{name:<12} {'folder':<10} {'-':>9} {'-':>6} {count:>7} {'-':>7}  {root}")
+            continue
+        if not (root / "questions.json").exists():
+            print(f"{name:<12} {'egoschema':<10} {'-':>9} {'-':>6} {'-':>7} {'-':>7}  {root} "
+                  "(not imported: mmser data " + name + " --from SRC)")
+            continue
+        try:
+            data = load_dataset(name, {name: settings})
+        except KNOWN_ERRORS as exc:
+            print(f"{name:<12} {'egoschema':<10} unreadable: {exc}")
+            continue
+        subset = sum(1 for q in data.questions if q.answer is not None)
+        print(f"{name:<12} {'egoschema':<10} {len(data.questions):>9} {subset:>6} "
+              f"{len(data.videos):>7} {len(data.missing_videos):>7}  {root}")
+    return 0
+
+
 def cmd_world(args: argparse.Namespace) -> int:
     from pipeline.world import WORLDS, build_world
 
@@ -472,6 +520,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--judge", action="store_true",
                    help="also ask the reader LLM to judge each caption (eval_captions.judge)")
     p.set_defaults(func=cmd_eval_captions)
+
+    p = sub.add_parser("data", help="import EgoSchema into its configured folder, or list "
+                       "the datasets (data ls)")
+    _add_common(p)
+    p.add_argument("what", help="'ls', or the dataset to import into (egoschema)")
+    p.add_argument("--from", dest="source", default=None,
+                   help="a copy of the hub dataset (parquet + video zips), of the official "
+                   "repository, or a folder of videos with questions.json beside it")
+    p.add_argument("--remove-zips", action="store_true",
+                   help="delete the video zips once every video is extracted and verified")
+    p.add_argument("--copy", action="store_true",
+                   help="copy already-extracted videos instead of linking them")
+    p.set_defaults(func=cmd_data)
 
     p = sub.add_parser("world", help="synthetic worlds for training evidence and the demo")
     world_sub = p.add_subparsers(dest="world_command", required=True)

@@ -34,8 +34,10 @@ class DatasetSettings:
 
     format: Literal["egoschema", "folder"] = "egoschema"
     root: str = "data/egoschema"
-    # EgoSchema only: fetch questions/answers/videos with huggingface_hub when missing.
+    # EgoSchema only: fetch the hub's tables with huggingface_hub when questions.json is
+    # missing, and import them (`mmser data egoschema --from` does the same from a copy).
     download: bool = False
+    download_videos: bool = False  # and the video zips (about 105 GB)
     hf_repo: str = "lmms-lab/egoschema"
     # Only questions with a public answer (EgoSchema's 500-question subset).
     subset_only: bool = False

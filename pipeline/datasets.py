@@ -215,7 +215,7 @@ def load_dataset(name_or_path: str, registered: dict[str, DatasetSettings]) -> D
                 videos={v.video_id: v for v in videos},
             )
         if settings.download and not (root / "questions.json").exists():
-            download_egoschema(root, settings.hf_repo)
+            download_egoschema(root, settings.hf_repo, settings.download_videos)
         if not (root / "questions.json").exists():
             hint = (
                 " Run `make demo` to generate it." if name_or_path == "demo" else
@@ -233,23 +233,14 @@ def load_dataset(name_or_path: str, registered: dict[str, DatasetSettings]) -> D
     )
 
 
-def download_egoschema(root: Path, hf_repo: str) -> None:
-    """Fetch EgoSchema with huggingface_hub (for users with network; not run in tests).
-
-    The hub repo layout varies between mirrors; this fetches the question/answer JSON and
-    the videos and places them in the layout `load_egoschema` reads.
-    """
-    from huggingface_hub import snapshot_download
+def download_egoschema(root: Path, hf_repo: str, videos: bool = False) -> None:
+    """Fetch EgoSchema with huggingface_hub (needs network; not run in tests) into
+    `root/.hub/`, tables first and the video zips when `videos`, then import it into the
+    product's layout with `pipeline.egoschema_import` (the import is what the tests run)."""
+    from pipeline.egoschema_import import download_and_import
 
     root.mkdir(parents=True, exist_ok=True)
-    local = Path(snapshot_download(repo_id=hf_repo, repo_type="dataset", local_dir=root))
-    for name in ("questions.json", "subset_answers.json"):
-        found = next(iter(sorted(local.rglob(name))), None)
-        if found and found != root / name:
-            (root / name).write_bytes(found.read_bytes())
-    videos = root / "videos"
-    videos.mkdir(exist_ok=True)
-    for clip in local.rglob("*.mp4"):
-        target = videos / clip.name
-        if clip != target and not target.exists():
-            target.symlink_to(clip.resolve())
+    report = download_and_import(hf_repo, root / ".hub", root, videos=videos)
+    log.info("%s", report.summary())
+    if not report.ok:
+        raise DatasetError(f"{hf_repo}: the downloaded tables disagree:\n{report.summary()}")

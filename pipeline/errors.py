@@ -30,3 +30,7 @@ class CaptionerError(PipelineError):
 
 class ReaderError(PipelineError):
     """The reader (vLLM server or client) failed."""
+
+
+# What the CLI reports as a message rather than a traceback.
+KNOWN_ERRORS = (PipelineError,)

@@ -205,3 +205,48 @@ def test_resuming_with_other_settings_is_refused_naming_them(tmp_path, models, r
     # The same settings resume; a new folder is always allowed.
     assert (run_videoqa(config, "tiny", "mmser", run_dir=str(folder)) / "metrics.json").exists()
     assert run_videoqa(changed, "tiny", "mmser", new=True) != folder
+
+
+def _hub_copy(egoschema: Path, out: Path) -> Path:
+    """The demo dataset rewritten in the hub's layout (lmms-lab/egoschema): parquet tables
+    GENERATION (answers hidden) and Subset (answers as string indices), videos in a zip."""
+    import zipfile
+
+    questions = json.loads((egoschema / "questions.json").read_text())
+    answers = json.loads((egoschema / "subset_answers.json").read_text())
+
+    def table(rows: list[dict], with_answers: bool) -> pd.DataFrame:
+        return pd.DataFrame({
+            "question_idx": [str(i) for i in range(len(rows))],
+            "question": [q["question"] for q in rows],
+            "video_idx": [q["q_uid"] for q in rows],
+            "option": [[f"{L}. {q[f'option {i}']}" for i, L in enumerate("ABCDE")]
+                       for q in rows],
+            "answer": [str(answers[q["q_uid"]]) if with_answers else "" for q in rows],
+        })  # fmt: skip
+
+    for config, rows, with_answers in (("GENERATION", questions, False),
+                                       ("Subset", [q for q in questions if q["q_uid"] in answers],
+                                        True)):
+        (out / config).mkdir(parents=True)
+        table(rows, with_answers).to_parquet(out / config / "test-00000-of-00001.parquet")
+    with zipfile.ZipFile(out / "videos_chunked_01.zip", "w") as archive:
+        for video in sorted((egoschema / "videos").glob("*.mp4")):
+            archive.write(video, f"videos/{video.name}")
+    return out
+
+
+def test_an_imported_hub_copy_runs_end_to_end(tmp_path, models, reader_server):
+    from pipeline.cli import main
+
+    hub = _hub_copy(_dataset(tmp_path / "generated", 3, seconds=4.0), tmp_path / "hub")
+    root = tmp_path / "imported"
+    overrides = _overrides(tmp_path, models, root, reader_server, ray=False)
+    sets = [item for o in overrides for item in ("--set", o)]
+    assert main(["data", "tiny", "--from", str(hub), *sets]) == 0
+    assert sorted(p.name for p in (root / "videos").iterdir()) == [
+        f"demo-{i:03d}.mp4" for i in range(3)]
+    folder = run_videoqa(load_config(None, overrides), "tiny", "mmser", new=True)
+    metrics = json.loads((folder / "metrics.json").read_text())
+    assert metrics["questions"] == 3 and metrics["answered"] == 3
+    assert metrics["failed_videos"] == 0
