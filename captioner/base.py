@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pipeline.errors import CaptionerError
+from captioner.errors import CaptionerError
 
 if TYPE_CHECKING:
     from captioner.settings import CaptionerSettings
@@ -210,7 +210,7 @@ def checkpoint_fingerprint(reference: str | None) -> str | None:
     A copied or moved checkpoint keeps its fingerprint; retrained weights change it. In a
     folder, `.cache` (huggingface_hub's download metadata) is skipped.
     """
-    from pipeline.fingerprint import video_fingerprint  # any file's content fingerprint
+    from captioner.fingerprint import video_fingerprint  # any file's content fingerprint
 
     if not reference:
         return reference

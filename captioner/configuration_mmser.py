@@ -14,7 +14,7 @@ from __future__ import annotations
 from huggingface_hub.dataclasses import strict
 from transformers import CLIPVisionConfig, LlavaConfig, OPTConfig
 
-from pipeline.errors import CaptionerError
+from captioner.errors import CaptionerError
 
 
 def clip_vit_l14_336_config() -> CLIPVisionConfig:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from transformers import Cache
 
-from pipeline.errors import CaptionerError
+from captioner.errors import CaptionerError
 
 # After a correction the draft is searched this many tokens ahead for the LM's token, so a
 # deletion in the refined caption re-aligns the draft instead of rejecting the rest.

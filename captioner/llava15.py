@@ -33,8 +33,8 @@ from captioner.base import (
     with_build_options,
 )
 from captioner.baseline_settings import Llava15Settings
+from captioner.errors import CaptionerError
 from captioner.settings import CaptionerSettings
-from pipeline.errors import CaptionerError
 
 PROMPT_TEMPLATE = "USER: <image>\n{prompt} ASSISTANT:"
 

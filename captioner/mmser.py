@@ -36,10 +36,10 @@ from captioner.base import (
     with_build_options,
 )
 from captioner.configuration_mmser import MMSeRConfig, real_config
+from captioner.errors import CaptionerError
 from captioner.modeling_mmser import MMSeRForConditionalGeneration, PassState, count_parameters
 from captioner.sequence import build_layout, encode_captions
 from captioner.settings import DEFAULT_DRAFT_TOKENS, CaptionerSettings
-from pipeline.errors import CaptionerError
 
 IMAGE_TOKEN = "<image>"
 NAMES = ("simple", "mmser")

@@ -52,8 +52,8 @@ from transformers.utils import ModelOutput
 
 from captioner.configuration_mmser import MMSeRConfig
 from captioner.draft_decoding import draft_greedy, draft_lengths
+from captioner.errors import CaptionerError
 from captioner.sequence import caption_mask, label_mask
-from pipeline.errors import CaptionerError
 
 # --- outputs and pass state ---------------------------------------------------------------
 

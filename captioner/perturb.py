@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pipeline.errors import CaptionerError
+from captioner.errors import CaptionerError
 
 Kind = Literal["entity", "attribute", "relation"]
 KINDS: tuple[str, ...] = ("entity", "attribute", "relation")

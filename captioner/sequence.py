@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from pipeline.errors import CaptionerError
+from captioner.errors import CaptionerError
 
 
 @dataclass(frozen=True)

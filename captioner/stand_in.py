@@ -44,8 +44,8 @@ from transformers import (
 )
 
 from captioner.base import image_backend
+from captioner.errors import CaptionerError
 from captioner.train_data import CaptionSample, decode_rgb
-from pipeline.errors import CaptionerError
 
 log = logging.getLogger("mmser.stand_in")
 

@@ -37,10 +37,10 @@ from captioner.base import (
     with_build_options,
 )
 from captioner.baseline_settings import Tag2TextSettings
+from captioner.errors import CaptionerError
 from captioner.settings import CaptionerSettings
 from captioner.tag2text_checkpoint import load_into, read_checkpoint, read_tag_list
 from captioner.tag2text_model import Tag2TextArch, Tag2TextModel, parameter_breakdown
-from pipeline.errors import CaptionerError
 
 # torchvision-free copy of the reference transform: Resize((S, S)) (PIL bilinear),
 # ToTensor, Normalize with ImageNet statistics.

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
+from captioner.errors import CaptionerError
 from captioner.tag2text_model import Tag2TextModel
-from pipeline.errors import CaptionerError
 
 # Official buffers recomputed by our modules (Swin's relative position index and shifted
 # window masks; BERT's position ids): dropped, never loaded.

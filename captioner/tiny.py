@@ -27,7 +27,7 @@ from transformers import (
     OPTForCausalLM,
 )
 
-from pipeline.errors import CaptionerError
+from captioner.errors import CaptionerError
 
 IMAGE_SIZE = 32  # px; the image processor resizes whatever frame size arrives
 PATCH_SIZE = 8  # -> 16 image tokens

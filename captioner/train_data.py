@@ -108,7 +108,7 @@ import torch.utils.data
 from PIL import Image
 from tqdm import tqdm
 
-from pipeline.errors import DatasetError
+from captioner.errors import DatasetError
 
 log = logging.getLogger(__name__)
 

@@ -110,7 +110,7 @@ class TrainSettings:
     epochs: float = 1.0
     max_steps: int | None = None  # overrides epochs
     # auto: bf16 on a GPU that has it and on CPUs with native bf16 (AMX, AVX512-BF16),
-    # else fp32 (emulated bf16 is ~95x slower: DESIGN.md).
+    # else fp32 (emulated bf16 is ~95x slower: docs/ARCHITECTURE.md).
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     max_caption_tokens: int = 64  # captions cut to this many tokens (EOS included)
     logging_steps: int = 10

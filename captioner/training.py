@@ -47,6 +47,7 @@ from transformers.utils import logging as hf_logging
 
 from captioner.base import checkpoint_fingerprint, image_backend
 from captioner.configuration_mmser import MMSeRConfig
+from captioner.errors import CaptionerError
 from captioner.modeling_mmser import MMSeRForConditionalGeneration
 from captioner.perturb import RulePerturber, load_word_lists
 from captioner.sequence import SequenceLayout, build_layout, encode_captions
@@ -59,7 +60,6 @@ from captioner.train_data import (
     load_caption_sources,
 )
 from captioner.train_settings import TrainSettings
-from pipeline.errors import CaptionerError
 
 log = logging.getLogger("mmser.train")
 
@@ -577,7 +577,7 @@ class StageResult:
 
 
 def native_bf16_cpu() -> bool:
-    """Whether this CPU does bf16 matmuls natively (AMX or AVX512-BF16; DESIGN.md)."""
+    """Whether this CPU does bf16 matmuls natively (AMX or AVX512-BF16; docs/ARCHITECTURE.md)."""
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:

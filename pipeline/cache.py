@@ -12,7 +12,7 @@ Usage::
     transcript = record.to_transcript(video_id)
 
 The key is the SHA-256 of the canonical JSON of three things: the video's content
-fingerprint (`pipeline.fingerprint`: a renamed or moved file hits, an edited one misses),
+fingerprint (`captioner.fingerprint`: a renamed or moved file hits, an edited one misses),
 the sampling settings that change which frames are decoded (see `sampling_identity`), and
 the captioner's `identity()` (name, checkpoint fingerprint, generation settings).
 
@@ -55,8 +55,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from captioner.fingerprint import FingerprintMode, video_fingerprint
 from pipeline.errors import PipelineError
-from pipeline.fingerprint import FingerprintMode, video_fingerprint
 from pipeline.records import FrameCaption, Transcript
 
 if TYPE_CHECKING:

@@ -88,7 +88,7 @@ def _free_port() -> int:
 
 
 # What `make demo` changes from config.yaml: tiny local models instead of the real ones,
-# and vLLM-on-CPU flags (DESIGN.md). Shown to the user before the run.
+# and vLLM-on-CPU flags (docs/ARCHITECTURE.md, machine facts). Shown before the run.
 def demo_overrides(models_dir: Path, captioner: Path) -> list[str]:
     return [
         "captioner.name=mmser",
@@ -566,7 +566,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         return int(args.func(args) or 0)
-    except PipelineError as exc:
+    except KNOWN_ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

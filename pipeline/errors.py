@@ -1,18 +1,25 @@
-"""The project's error types: each names the file or item and the reason."""
+"""The project's error types: each names the file or item and the reason.
+
+The libraries own theirs (captioner.errors, qa.errors) and raise nothing from here; they
+are re-exported so `from pipeline.errors import ...` names every type the product raises,
+and `KNOWN_ERRORS` is what the CLI reports as a message rather than a traceback.
+"""
 
 from __future__ import annotations
 
+from captioner.errors import CaptionerError, DatasetError
+from qa.errors import ReaderError
+
+__all__ = ["KNOWN_ERRORS", "CaptionerError", "ConfigError", "DatasetError", "PipelineError",
+           "ReaderError", "VideoDecodeError"]
+
 
 class PipelineError(Exception):
-    """Base class for every error the product raises on purpose."""
+    """Base class for every error the orchestrator raises on purpose."""
 
 
 class ConfigError(PipelineError):
     """A config key or value is wrong: the message names the key, the value and what is allowed."""
-
-
-class DatasetError(PipelineError):
-    """A dataset file is malformed: the message names the file and lists the offending items."""
 
 
 class VideoDecodeError(PipelineError):
@@ -24,13 +31,4 @@ class VideoDecodeError(PipelineError):
         self.reason = reason
 
 
-class CaptionerError(PipelineError):
-    """A captioner got bad input or a bad checkpoint."""
-
-
-class ReaderError(PipelineError):
-    """The reader (vLLM server or client) failed."""
-
-
-# What the CLI reports as a message rather than a traceback.
-KNOWN_ERRORS = (PipelineError,)
+KNOWN_ERRORS = (PipelineError, CaptionerError, DatasetError, ReaderError)

@@ -1,16 +1,21 @@
 """Typed records passed between stages: video -> frames -> captions -> transcript -> answer.
 
-This module is a leaf: it imports nothing heavy, so every stage can depend on it.
+The orchestrator's own records are here (a video, its sampled frames); the reader's
+(question, frame caption, transcript) belong to qa/ and are re-exported. A leaf: it imports
+nothing heavy, so every stage can depend on it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-OPTION_LETTERS = ("A", "B", "C", "D", "E")
+from qa.records import OPTION_LETTERS, FrameCaption, Question, Transcript
+
+__all__ = ["OPTION_LETTERS", "FrameCaption", "Question", "SampledFrames", "Transcript",
+           "VideoItem"]
 
 
 @dataclass(frozen=True)
@@ -19,17 +24,6 @@ class VideoItem:
 
     video_id: str
     path: Path
-
-
-@dataclass(frozen=True)
-class Question:
-    """A multiple-choice question about one video (EgoSchema: 5 options)."""
-
-    q_uid: str
-    video_id: str
-    question: str
-    options: tuple[str, ...]
-    answer: int | None = None  # index into options when known (EgoSchema's public 500)
 
 
 @dataclass
@@ -51,27 +45,3 @@ class SampledFrames:
 
     def __len__(self) -> int:
         return int(self.frames.shape[0])
-
-
-@dataclass(frozen=True)
-class FrameCaption:
-    """The caption of one frame at one time."""
-
-    timestamp: float  # seconds
-    caption: str
-    coarse_caption: str | None = None  # MM-SeR: the first-pass caption
-    refine_passes: int = 0
-    tags: tuple[str, ...] = ()  # Tag2Text: the recognised tags
-
-
-@dataclass
-class Transcript:
-    """All captions of one video in time order: the reader's view of the video."""
-
-    video_id: str
-    duration: float  # seconds
-    captions: list[FrameCaption] = field(default_factory=list)
-
-    @property
-    def seconds_per_caption(self) -> float:
-        return self.duration / max(len(self.captions), 1)

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import ReaderError
+from qa.errors import ReaderError
 
 
 @dataclass

@@ -15,8 +15,8 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from pipeline.records import OPTION_LETTERS
 from qa.answers import AnswerRecord, AnswerWriter, done_ids, read_answers
+from qa.records import OPTION_LETTERS
 
 __all__ = [
     "Accuracy", "AnswerRecord", "AnswerWriter", "accuracy", "done_ids", "read_answers",

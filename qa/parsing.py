@@ -31,7 +31,7 @@ import re
 from collections.abc import Sequence
 from typing import Literal
 
-from pipeline.records import OPTION_LETTERS
+from qa.records import OPTION_LETTERS
 
 Numbering = Literal["letters", "zero", "one"]
 NUMBERINGS: tuple[Numbering, ...] = ("letters", "zero", "one")

@@ -33,9 +33,9 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from pipeline.errors import ReaderError
-from pipeline.records import OPTION_LETTERS, Question
+from qa.errors import ReaderError
 from qa.parsing import parse_answer
+from qa.records import OPTION_LETTERS, Question
 from qa.transcript import LineStyle, format_seconds
 
 AnswerReading = Literal["choice", "parser", "first_char"]

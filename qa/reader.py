@@ -34,10 +34,10 @@ from typing import Any
 import openai
 from openai import AsyncOpenAI
 
-from pipeline.errors import ReaderError
-from pipeline.records import OPTION_LETTERS, Question, Transcript
 from qa.answers import AnswerRecord, AnswerWriter, read_answers
+from qa.errors import ReaderError
 from qa.prompts import PromptTemplate, Stage, fill, get_template, prompt_fields
+from qa.records import OPTION_LETTERS, Question, Transcript
 from qa.server import ManagedServer
 from qa.settings import ReaderSettings
 from qa.transcript import fit_transcript, render_lines

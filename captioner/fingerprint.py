@@ -1,4 +1,4 @@
-"""Content fingerprints of video files: the video half of the caption cache's key.
+"""Content fingerprints of files: videos (the caption cache's key) and checkpoints.
 
 A fingerprint depends only on the file's bytes, never on its name, folder or mtime, so a
 renamed, moved or copied video gives the same fingerprint and an edited one a different one.
