@@ -1,0 +1,45 @@
+"""The house's rule: the libraries (captioner/, qa/) import nothing from the orchestrator
+(pipeline/), at the top of a file or inside a function."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _imports(path: Path) -> list[tuple[int, str]]:
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, alias.name) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.append((node.lineno, node.module))
+    return found
+
+
+@pytest.mark.parametrize("library", ["captioner", "qa"])
+def test_libraries_import_nothing_from_the_orchestrator(library: str) -> None:
+    files = sorted((ROOT / library).glob("*.py"))
+    assert files
+    upward = [f"{f.relative_to(ROOT)}:{line}: {name}" for f in files
+              for line, name in _imports(f) if name.split(".")[0] == "pipeline"]
+    assert upward == []
+
+
+def test_the_orchestrator_re_exports_the_libraries_own_types() -> None:
+    import captioner.errors
+    import pipeline.errors
+    import pipeline.records
+    import qa.errors
+    import qa.records
+
+    assert pipeline.errors.CaptionerError is captioner.errors.CaptionerError
+    assert pipeline.errors.DatasetError is captioner.errors.DatasetError
+    assert pipeline.errors.ReaderError is qa.errors.ReaderError
+    assert pipeline.records.Transcript is qa.records.Transcript
+    for error in (captioner.errors.CaptionerError, qa.errors.ReaderError):
+        assert error in pipeline.errors.KNOWN_ERRORS
