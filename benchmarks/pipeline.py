@@ -27,11 +27,11 @@ from pathlib import Path
 from benchmarks.decode import machine
 from captioner.tiny import build_tiny_checkpoint
 from pipeline.caption_stage import CaptionActorPool, CaptionedVideo, caption_videos
+from pipeline.captioning import _fit_decode_workers, caption_videos_cached
 from pipeline.config import load_config
 from pipeline.decode import decode_videos
 from pipeline.ray_cluster import init_ray, shutdown_ray
 from pipeline.records import SampledFrames, VideoItem
-from pipeline.run import _fit_decode_workers, caption_videos_cached
 from pipeline.synth import textured_frames, write_video
 
 BENCH_DIR = Path("data/bench/pipeline")

@@ -185,8 +185,8 @@ def cmd_cache(args: argparse.Namespace) -> int:
     config = _config(args)
     cache = CaptionCache(config.cache.dir, fingerprint_mode=config.cache.fingerprint)
     if args.cache_command == "build":
+        from pipeline.captioning import caption_videos_cached
         from pipeline.datasets import find_videos
-        from pipeline.run import caption_videos_cached
 
         videos = find_videos(*args.paths)
         print(f"{len(videos)} videos under {', '.join(args.paths)}")
