@@ -1,7 +1,8 @@
 """MM-SeR: LLaVA-1.5 with OPT-125M, plus self-refinement through a SeR-Connector.
 
-Reads top to bottom: pass state, hook recorders, the SeR-Connector, the model (vision,
-saliency, inference passes, training forwards).
+The pieces live beside it: captioner/mmser_passes.py (pass state, KV-cache helpers, hook
+recorders), captioner/ser_connector.py, captioner/mmser_training_forward.py (the training
+forwards, mixed in); this file holds the model (vision, saliency, inference passes).
 
 The simple model is transformers' LLaVA with an OPT text model (the subclass only fixes
 where OPT keeps its tied embeddings). Self-refinement is OUR RECONSTRUCTION of the paper
@@ -29,13 +30,9 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import inspect
-from collections.abc import Sequence
-from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import (
     AutoConfig,
@@ -44,302 +41,28 @@ from transformers import (
     DynamicCache,
     GenerationConfig,
     LlavaForConditionalGeneration,
-    LogitsProcessor,
-    StaticCache,
 )
 from transformers import initialization as hf_init
-from transformers.utils import ModelOutput
 
 from captioner.configuration_mmser import MMSeRConfig
 from captioner.draft_decoding import draft_greedy, draft_lengths
 from captioner.errors import CaptionerError
-from captioner.sequence import caption_mask, label_mask
-
-# --- outputs and pass state ---------------------------------------------------------------
-
-
-@dataclass
-class VisionFeatures:
-    """The single vision pass over a batch of B images (N patches each, CLS dropped)."""
-
-    image_embeds: torch.Tensor  # (B, N, D) layer -2 projected into the LM's embedding space
-    multi_layer: torch.Tensor | None  # (B, L, N, Dv) connector_layers; None without connector
-
-
-@dataclass
-class PassState:
-    """What one captioning pass leaves for the next, for the b frames still refining.
-
-    The sequence `embeds` holds everything the LM has seen or written so far (prompt with
-    image tokens, every caption and refinement block); `cache` holds keys/values of all
-    of it but the last token (None when the next pass must prefill from scratch).
-    """
-
-    rows: torch.Tensor  # (b,) index of each row in the original batch
-    embeds: torch.Tensor  # (b, P, D) the whole sequence, this pass's caption included
-    mask: torch.Tensor  # (b, P) 1 = attend; 0 = padding, EOS and tokens after it
-    cache: DynamicCache | None
-    image_pos: torch.Tensor  # (b, N) positions of the image tokens in the sequence
-    tokens: torch.Tensor  # (b, T) this pass's caption tokens (padding after EOS)
-    token_mask: torch.Tensor  # (b, T) 1 on real caption tokens
-    confidence: torch.Tensor  # (b,) mean probability of the chosen caption tokens
-    cond: torch.Tensor | None  # (b, T, D) final hidden state of the position producing each token
-    saliency: torch.Tensor | None  # (b, N) sums to 1 over the image tokens
-    draft_stats: dict[str, int] | None = None  # how a verified draft fared (draft_decoding)
-    # (b, T, V) the LM's logits at each written token, when the generation config asks for
-    # them (output_logits): tests compare them with the training forward's.
-    logits: torch.Tensor | None = None
-
-    def select(self, keep: torch.Tensor) -> PassState:
-        """Keep only rows `keep` (b',) for the next pass (adaptive stopping)."""
-        if self.cache is not None:
-            select_cache_rows(self.cache, keep)
-        pick = lambda t: None if t is None else t[keep]  # noqa: E731
-        return replace(
-            self,
-            rows=self.rows[keep],
-            embeds=self.embeds[keep],
-            mask=self.mask[keep],
-            image_pos=self.image_pos[keep],
-            tokens=self.tokens[keep],
-            token_mask=self.token_mask[keep],
-            confidence=self.confidence[keep],
-            cond=pick(self.cond),
-            saliency=pick(self.saliency),
-            logits=pick(self.logits),
-        )
-
-
-def new_cache(config, max_len: int | None) -> Cache:
-    """A KV cache for one batch: static (preallocated for `max_len` positions) when the
-    length is known, else dynamic. Growing a DynamicCache copies every layer's keys and
-    values at each decode step; at batch 32 on CPU that made a decode step ~2.3x slower."""
-    if max_len is None:
-        return DynamicCache(config=config)
-    return StaticCache(config=config, max_cache_len=max_len)
-
-
-def cached_length(cache: Cache) -> int:
-    """Positions written to `cache` (a StaticCache's tensors are longer than that)."""
-    return int(cache.get_seq_length())
-
-
-def select_cache_rows(cache: Cache, keep: torch.Tensor) -> None:
-    """Keep rows `keep` of every layer, in place (StaticCache layers have no
-    batch_select_indices of their own)."""
-    if isinstance(cache, DynamicCache):
-        cache.batch_select_indices(keep)
-        return
-    for layer in cache.layers:
-        if getattr(layer, "is_initialized", False):
-            layer.keys = layer.keys.index_select(0, keep)
-            layer.values = layer.values.index_select(0, keep)
-            layer.batch_size = int(keep.numel())
-
-
-# --- recorders (hooks and a logits processor) ---------------------------------------------
-
-
-class _StateRecorder:
-    """Forward hooks that keep module outputs at sequence positions >= `start`.
-
-    Calls are counted along the sequence from `offset` (the positions already in the KV
-    cache when the first call comes): a prefill covers several positions, each decode step
-    one. `outputs()` concatenates the kept parts along the sequence axis: (B, T, D) per
-    module, for positions start, start + 1, ...
-    """
-
-    def __init__(self, modules: Sequence[nn.Module], start: int, offset: int = 0) -> None:
-        self.modules = list(modules)
-        self.start = start
-        self.seen = [offset] * len(self.modules)
-        self.kept: list[list[torch.Tensor]] = [[] for _ in self.modules]
-        self.handles: list = []
-
-    def __enter__(self) -> _StateRecorder:
-        for i, module in enumerate(self.modules):
-            self.handles.append(module.register_forward_hook(self._hook(i)))
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for handle in self.handles:
-            handle.remove()
-
-    def _hook(self, i: int):
-        def hook(module, args, output):
-            first, length = self.seen[i], output.shape[1]
-            self.seen[i] += length
-            skip = max(0, self.start - first)
-            if skip < length:
-                self.kept[i].append(output[:, skip:])
-
-        return hook
-
-    def outputs(self) -> list[torch.Tensor]:
-        return [torch.cat(k, dim=1) for k in self.kept]
-
-
-class _ConfidenceRecorder(LogitsProcessor):
-    """Records the probability of the greedy choice at every step, (B,) per step."""
-
-    def __init__(self) -> None:
-        self.probs: list[torch.Tensor] = []
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        self.probs.append(scores.float().softmax(-1).amax(-1))
-        return scores
-
-
-# --- the SeR-Connector --------------------------------------------------------------------
-
-
-class _Attention(nn.Module):
-    """Multi-head attention of queries x over a context (SDPA), with an optional mask/bias."""
-
-    def __init__(self, dim: int, heads: int) -> None:
-        super().__init__()
-        self.heads = heads
-        self.q_proj = nn.Linear(dim, dim)
-        self.k_proj = nn.Linear(dim, dim)
-        self.v_proj = nn.Linear(dim, dim)
-        self.out_proj = nn.Linear(dim, dim)
-
-    def forward(
-        self, x: torch.Tensor, ctx: torch.Tensor, mask: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """x (B, Q, C), ctx (B, S, C), mask (B, 1 or H, 1, S) bool or additive -> (B, Q, C)."""
-        B, Q, C = x.shape
-        S, H = ctx.shape[1], self.heads
-        q = self.q_proj(x).view(B, Q, H, C // H).transpose(1, 2)  # (B, H, Q, C/H)
-        k = self.k_proj(ctx).view(B, S, H, C // H).transpose(1, 2)  # (B, H, S, C/H)
-        v = self.v_proj(ctx).view(B, S, H, C // H).transpose(1, 2)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, Q, C/H)
-        return self.out_proj(y.transpose(1, 2).reshape(B, Q, C))
-
-
-class SeRBlock(nn.Module):
-    """Queries attend to each other, to the coarse caption, then to the weighted patches."""
-
-    def __init__(self, dim: int, heads: int, mlp_ratio: int) -> None:
-        super().__init__()
-        self.norm_self = nn.LayerNorm(dim)
-        self.self_attn = _Attention(dim, heads)
-        self.norm_text = nn.LayerNorm(dim)
-        self.text_attn = _Attention(dim, heads)
-        self.norm_vision = nn.LayerNorm(dim)
-        self.vision_attn = _Attention(dim, heads)
-        self.norm_mlp = nn.LayerNorm(dim)
-        self.mlp = nn.Sequential(
-            nn.Linear(dim, mlp_ratio * dim), nn.GELU(), nn.Linear(mlp_ratio * dim, dim)
-        )
-        # How strongly saliency steers each head's look at the patches: learned, starting
-        # at 1 (the full log-saliency bias); a head can learn to ignore the map (0) or
-        # sharpen it (> 1).
-        self.saliency_scale = nn.Parameter(torch.ones(heads))
-
-    def forward(
-        self,
-        q: torch.Tensor,
-        text: torch.Tensor,
-        text_mask: torch.Tensor,
-        vision: torch.Tensor,
-        log_saliency: torch.Tensor,
-    ) -> torch.Tensor:
-        """q (B, K, C); text (B, T, C) with mask (B, 1, 1, T); vision (B, N, C) with the
-        log-saliency bias (B, N) -> (B, K, C)."""
-        h = self.norm_self(q)
-        q = q + self.self_attn(h, h)
-        q = q + self.text_attn(self.norm_text(q), text, text_mask)
-        bias = self.saliency_scale[None, :, None, None] * log_saliency[:, None, None, :]
-        q = q + self.vision_attn(self.norm_vision(q), vision, bias.to(q.dtype))  # (B, H, 1, N)
-        return q + self.mlp(self.norm_mlp(q))
-
-
-class SeRConnector(nn.Module):
-    """Our reconstruction of the SeR-Connector: caption-guided, saliency-weighted
-    cross-attention over multi-layer CLIP features, writing K refinement tokens.
-
-    Patches are fused across layers per patch (LayerNorm + Linear over the concatenated
-    layers). Saliency enters as an additive log(N * s) bias on the vision cross-attention
-    logits, scaled per block and head by a learned `saliency_scale`: a uniform map changes
-    nothing, salient patches are up-weighted as much as training finds useful.
-    """
-
-    def __init__(self, config: MMSeRConfig) -> None:
-        super().__init__()
-        layers = len(config.connector_layers)
-        d_vision = config.vision_config.hidden_size
-        d_text = config.text_config.hidden_size
-        dim = config.connector_hidden_size
-        fused = layers * d_vision
-        self.fuse = nn.Sequential(nn.LayerNorm(fused), nn.Linear(fused, dim))
-        self.text_in = nn.Sequential(nn.LayerNorm(d_text), nn.Linear(d_text, dim))
-        self.queries = nn.Parameter(torch.zeros(config.num_refine_tokens, dim))
-        self.blocks = nn.ModuleList(
-            SeRBlock(dim, config.connector_num_heads, config.connector_mlp_ratio)
-            for _ in range(config.connector_num_layers)
-        )
-        self.out = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, d_text))
-
-    def forward(
-        self,
-        multi_layer: torch.Tensor,
-        saliency: torch.Tensor,
-        caption: torch.Tensor,
-        caption_mask: torch.Tensor,
-    ) -> torch.Tensor:
-        """multi_layer (B, L, N, Dv), saliency (B, N), caption hidden states (B, T, D) with
-        mask (B, T) -> refinement tokens (B, K, D) in the LM's embedding space."""
-        B, L, N, Dv = multi_layer.shape
-        dtype = self.queries.dtype
-        patches = multi_layer.to(dtype).permute(0, 2, 1, 3).reshape(B, N, L * Dv)  # (B, N, L*Dv)
-        vision = self.fuse(patches)  # (B, N, C)
-        log_saliency = torch.log(saliency.float().clamp_min(1e-6) * N)  # (B, N)
-        text = self.text_in(caption.to(dtype))  # (B, T, C)
-        # A row with an empty caption attends to all positions rather than to none (NaN).
-        seen = caption_mask.bool() | (caption_mask.sum(1, keepdim=True) == 0)
-        text_mask = seen[:, None, None, :]  # (B, 1, 1, T)
-        q = self.queries.unsqueeze(0).expand(B, -1, -1)  # (B, K, C)
-        for block in self.blocks:
-            q = block(q, text, text_mask, vision, log_saliency)
-        return self.out(q)
-
-
-# --- training outputs ---------------------------------------------------------------------
-
-
-@dataclass
-class MMSeRTrainingOutput(ModelOutput):
-    """What a training forward returns. `loss` is what the optimiser minimises: the caption
-    loss, plus (refine stage) the refinement loss and `caption_weight` x the caption loss."""
-
-    loss: torch.Tensor | None = None
-    caption_loss: torch.Tensor | None = None  # teacher-forced caption cross-entropy
-    refine_loss: torch.Tensor | None = None  # cross-entropy of the refined caption
-    caption_logits: torch.Tensor | None = None  # (B, T, V) at the caption's label positions
-    refine_logits: torch.Tensor | None = None  # (B, Tt, V) at the refined caption's
-
-
-def _token_loss(
-    logits: torch.Tensor, targets: torch.Tensor, eos_token_id: int,
-    rows: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Mean cross-entropy over each caption's tokens and its EOS (padding after EOS ignored).
-    logits (B, T, V) at the positions predicting targets (B, T); `rows` (B,) bool keeps
-    only some rows (None: all)."""
-    keep = label_mask(targets, eos_token_id).bool()
-    if rows is not None:
-        keep = keep & rows.bool()[:, None]
-    labels = targets.masked_fill(~keep, -100)
-    if not bool(keep.any()):  # no row counts: a zero that still has a gradient
-        return logits.sum() * 0.0
-    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
-
+from captioner.mmser_passes import (
+    PassState,
+    VisionFeatures,
+    _ConfidenceRecorder,
+    _StateRecorder,
+    cached_length,
+    new_cache,
+)
+from captioner.mmser_training_forward import MMSeRTrainingForward
+from captioner.sequence import caption_mask
+from captioner.ser_connector import SeRBlock, SeRConnector
 
 # --- the model ----------------------------------------------------------------------------
 
 
-class MMSeRForConditionalGeneration(LlavaForConditionalGeneration):
+class MMSeRForConditionalGeneration(MMSeRTrainingForward, LlavaForConditionalGeneration):
     """LLaVA-1.5 + OPT (the simple model) with an optional SeR-Connector (MM-SeR)."""
 
     config_class = MMSeRConfig
@@ -718,149 +441,6 @@ class MMSeRForConditionalGeneration(LlavaForConditionalGeneration):
             embeds, mask, cache, state.image_pos, state.rows, generation, keep_state, cache_room,
             draft=state.tokens, max_draft=max_draft,
         )
-
-    # -- training --------------------------------------------------------------------------
-
-    def forward(self, *args, **kwargs):
-        """LLaVA's forward (what `generate` calls), or, given `caption_ids` and/or
-        `coarse_ids`, a training forward (`training_forward`): the Trainer, and DDP around
-        it, reach the training code through forward, so gradients synchronise."""
-        if kwargs.get("caption_ids") is None and kwargs.get("coarse_ids") is None:
-            return super().forward(*args, **kwargs)
-        return self.training_forward(**kwargs)
-
-    # generate() reads forward's signature (attention_mask, position_ids, logits_to_keep):
-    # it must stay LLaVA's; the training inputs arrive through its **kwargs.
-    forward.__signature__ = inspect.signature(LlavaForConditionalGeneration.forward)
-
-    def _lm_hidden(self, embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Teacher-forced final hidden states (B, L, D) of the whole sequence, no cache."""
-        return self.model.language_model(
-            inputs_embeds=embeds, attention_mask=mask, use_cache=False
-        ).last_hidden_state
-
-    def caption_forward(
-        self, prompt_embeds: torch.Tensor, caption_ids: torch.Tensor, eos_token_id: int
-    ) -> torch.Tensor:
-        """Teacher-forced logits (B, T, V) for captions (B, T) (EOS-terminated blocks)
-        written after the prompt embeddings (B, P, D): the simple model's training forward
-        (LLaVA-1.5's loss), the same sequence `caption_pass` writes into."""
-        B, P = prompt_embeds.shape[:2]
-        ones = torch.ones(B, P, dtype=torch.long, device=prompt_embeds.device)
-        embeds = torch.cat([prompt_embeds, self.get_input_embeddings()(caption_ids)], dim=1)
-        mask = torch.cat([ones, label_mask(caption_ids, eos_token_id)], dim=1)
-        hidden = self._lm_hidden(embeds, mask)
-        T = caption_ids.shape[1]
-        return self.lm_head(hidden[:, P - 1 : P - 1 + T])  # position P-1+t predicts token t
-
-    def refinement_forward(
-        self,
-        features: VisionFeatures,
-        prompt_embeds: torch.Tensor,
-        image_pos: torch.Tensor,
-        coarse_ids: torch.Tensor,
-        target_ids: torch.Tensor,
-        instruction_ids: torch.Tensor,
-        eos_token_id: int,
-        zero_refinement: bool = False,
-    ) -> torch.Tensor:
-        """Teacher-forced logits (B, Tt, V) of writing `target_ids` (B, Tt) after the coarse
-        caption `coarse_ids` (B, T) (both EOS-terminated blocks) and the refinement tokens:
-        the paper's localized-correction objective on the sequence `refine_pass` continues.
-
-        Two forwards, no KV cache between them: the first reads [prompt][coarse] for the
-        caption conditioning and the saliency map (no gradient: the connector learns from
-        the LM's states as they are, as at inference); the second reads the whole sequence
-        [prompt][coarse][K refinement][instruction][target] and gives the logits.
-        """
-        B, P = prompt_embeds.shape[:2]
-        T, Tt = coarse_ids.shape[1], target_ids.shape[1]
-        embed = self.get_input_embeddings()
-        device = prompt_embeds.device
-        prompt_mask = torch.ones(B, P, dtype=torch.long, device=device)
-        coarse_mask = caption_mask(coarse_ids, eos_token_id)
-        seq = torch.cat([prompt_embeds, embed(coarse_ids)], dim=1)
-        seq_mask = torch.cat([prompt_mask, coarse_mask], dim=1)
-        lm = self.model.language_model
-        was_training = lm.training
-        with torch.no_grad():
-            lm.eval()  # as at inference: no dropout in what the connector reads
-            keys = _StateRecorder(self._key_modules(), start=0)
-            try:
-                with _StateRecorder(self._recorded_modules(), start=P) as recorder, keys:
-                    self._lm_hidden(seq.detach(), seq_mask)
-            finally:
-                lm.train(was_training)
-            recorded = recorder.outputs()
-            saliency = self.attention_saliency(
-                recorded[:-1], self._recorded_keys(keys.outputs()), seq_mask, P, image_pos,
-                coarse_mask,
-            )
-        refine = self.ser_connector(features.multi_layer, saliency, recorded[-1], coarse_mask)
-        if zero_refinement:
-            refine = torch.zeros_like(refine)
-        K, instruction = refine.shape[1], embed(instruction_ids)[None].expand(B, -1, -1)
-        I = instruction.shape[1]  # noqa: E741
-        full = torch.cat([seq, refine.to(seq.dtype), instruction, embed(target_ids)], dim=1)
-        full_mask = torch.cat([
-            seq_mask, torch.ones(B, K + I, dtype=torch.long, device=device),
-            label_mask(target_ids, eos_token_id),
-        ], dim=1)  # fmt: skip
-        hidden = self._lm_hidden(full, full_mask)
-        start = P + T + K + I - 1  # the position predicting target token 0
-        return self.lm_head(hidden[:, start : start + Tt])
-
-    def training_forward(
-        self,
-        pixel_values: torch.Tensor,
-        input_ids: torch.Tensor,
-        caption_ids: torch.Tensor | None = None,
-        coarse_ids: torch.Tensor | None = None,
-        target_ids: torch.Tensor | None = None,
-        instruction_ids: torch.Tensor | None = None,
-        caption_weight: float = 1.0,
-        caption_rows: torch.Tensor | None = None,
-        return_logits: bool = False,
-        **unused,
-    ) -> MMSeRTrainingOutput:
-        """One training step's loss for a batch of B images.
-
-        pixel_values (B, 3, H, W); input_ids (B, S) the prompt with image placeholders;
-        caption_ids (B, T) EOS-terminated ground-truth captions (the caption loss: stages
-        align and caption, and the refine stage's guard against the coarse pass drifting);
-        coarse_ids (B, Tc) / target_ids (B, Tt) / instruction_ids (I,) or (B, I): the
-        refinement pairs (refine stage); caption_rows (B,) bool: the rows the caption loss
-        is taken on (an image whose objects were erased by augmentation has a caption it no
-        longer shows). EOS is `config.text_config.eos_token_id`.
-        """
-        eos = self.config.text_config.eos_token_id
-        if eos is None:
-            raise CaptionerError("config.text_config.eos_token_id is not set: no caption could end")
-        features = self.encode_images(pixel_values)
-        prompt_embeds, image_pos = self.embed_prompt(input_ids, features)
-        out = MMSeRTrainingOutput()
-        total = None
-        if caption_ids is not None:
-            logits = self.caption_forward(prompt_embeds, caption_ids, eos)
-            out.caption_loss = _token_loss(logits, caption_ids, eos, caption_rows)
-            out.caption_logits = logits if return_logits else None
-            total = caption_weight * out.caption_loss
-        if coarse_ids is not None:
-            if self.ser_connector is None:
-                raise CaptionerError("refinement pairs need a SeR-Connector (config.refine)")
-            if target_ids is None or instruction_ids is None:
-                raise CaptionerError("coarse_ids need target_ids and instruction_ids")
-            if instruction_ids.dim() == 2:  # collated per row; every row holds the same ids
-                instruction_ids = instruction_ids[0]
-            logits = self.refinement_forward(
-                features, prompt_embeds, image_pos, coarse_ids, target_ids, instruction_ids, eos
-            )
-            out.refine_loss = _token_loss(logits, target_ids, eos)
-            out.refine_logits = logits if return_logits else None
-            total = out.refine_loss if total is None else total + out.refine_loss
-        out.loss = total
-        return out
-
 
 def count_parameters(model: MMSeRForConditionalGeneration) -> dict[str, int]:
     """Parameters per component (tied LM head counted once, inside the language model)."""
