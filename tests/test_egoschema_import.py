@@ -664,10 +664,12 @@ def test_download_and_import_calls_snapshot_download(tmp_path, clips, monkeypatc
     report = download_and_import(
         "lmms-lab/egoschema", tmp_path / "cache", tmp_path / "out", videos=True, progress=False
     )
+    # The tables first (a wrong repo fails in seconds), then the video zips.
     assert calls == [{
         "repo_id": "lmms-lab/egoschema", "repo_type": "dataset",
-        "allow_patterns": snapshot_patterns(True), "local_dir": str(tmp_path / "cache"),
-    }]
+        "allow_patterns": patterns, "local_dir": str(tmp_path / "cache"),
+    } for patterns in (snapshot_patterns(False), ["*.zip"])]
+    assert set(snapshot_patterns(True)) == {*snapshot_patterns(False), "*.zip"}
     assert report.layout == LAYOUT_HUB and report.videos_present == 4
 
 
