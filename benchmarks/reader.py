@@ -136,9 +136,9 @@ def debiasing(settings: ReaderSettings, base_url: str, n: int, captions: int,
 def demo_items() -> list[tuple[Question, Transcript]]:
     """The demo dataset's questions with the demo captioner's transcripts (cached)."""
     from pipeline.captioning import caption_videos_cached
-    from pipeline.cli import demo_overrides
     from pipeline.config import load_config
     from pipeline.datasets import load_dataset
+    from pipeline.demo import demo_overrides
     from pipeline.demo_data import generate_demo_dataset, train_demo_captioner
 
     base = load_config()
