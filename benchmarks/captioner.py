@@ -20,18 +20,16 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
-import platform
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-import transformers
 from transformers import CLIPImageProcessor
 
 from benchmarks.flops import caption_flops
+from benchmarks.machine import machine
 from captioner.configuration_mmser import real_config
 from captioner.mmser import MMSeRCaptioner
 from captioner.modeling_mmser import (
@@ -43,30 +41,6 @@ from captioner.settings import DEFAULT_DRAFT_TOKENS, CaptionerSettings
 from captioner.tiny import gpt2_tokenizer
 
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def machine(device: torch.device) -> dict[str, object]:
-    info: dict[str, object] = {
-        "cpu": cpu_model(),
-        "cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "device": str(device),
-    }
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    return info
 
 
 def build_captioners(

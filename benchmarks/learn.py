@@ -265,7 +265,7 @@ def _splits(budget: Budget) -> dict[str, int]:
 def machine_info() -> dict[str, Any]:
     import torch
 
-    from benchmarks.captioner import cpu_model
+    from benchmarks.machine import cpu_model
 
     return {"cpu": cpu_model(), "capability": torch.backends.cpu.get_cpu_capability(),
             "cores": os.cpu_count(), "dtype": "float32", "torch": torch.__version__}
