@@ -104,12 +104,6 @@ class _Batch:
     started: float = field(default_factory=time.perf_counter)
 
 
-def _gpu_count() -> int:
-    import ray
-
-    return int(ray.cluster_resources().get("GPU", 0))
-
-
 class CaptionActorPool:
     """CaptionWorker actors (one per GPU, or `ray.cpu_caption_actors` on CPU) with per-actor
     in-flight accounting. Created once, it can serve several `caption_videos` calls (the
@@ -118,14 +112,11 @@ class CaptionActorPool:
     def __init__(self, settings: CaptionerSettings, ray_settings: RaySettings) -> None:
         import ray
 
-        gpus = _gpu_count()
-        if gpus:
-            count, options = gpus, {"num_gpus": 1, "num_cpus": 1}
-            threads = None
-        else:
-            count = ray_settings.cpu_caption_actors
-            cpus = max(1, int(ray.cluster_resources().get("CPU", 1)) // (count + 1))
-            options, threads = {"num_cpus": 1}, cpus
+        from pipeline.ray_cluster import current_plan
+
+        plan = current_plan(ray_settings)  # the one place the cluster is divided up
+        count, options, threads = plan.caption_actors, plan.caption_actor_options, \
+            plan.caption_threads
         actor_cls = ray.remote(CaptionWorker).options(
             max_restarts=1, max_task_retries=1, **options
         )

@@ -64,21 +64,12 @@ def _decode_stream(videos: list[VideoItem], config: Config):
 
 
 def _fit_decode_workers(ray_settings: RaySettings) -> RaySettings:
-    """Without GPUs the caption actors hold CPUs too (1 each): decode workers get the rest,
-    at least one. Asking for more would leave a decode worker waiting for a CPU forever."""
+    """The settings with the decode workers the cluster can run (pipeline.ray_cluster)."""
     if not ray_settings.enabled:
         return ray_settings
-    import ray
+    from pipeline.ray_cluster import current_plan
 
-    resources = ray.cluster_resources()
-    if resources.get("GPU", 0):
-        return ray_settings
-    spare = int(resources.get("CPU", 1)) - ray_settings.cpu_caption_actors
-    workers = max(1, min(ray_settings.decode_workers, spare))
-    if workers != ray_settings.decode_workers:
-        log.info("ray.decode_workers %d -> %d: %d CPUs, %d held by caption actors",
-                 ray_settings.decode_workers, workers, int(resources.get("CPU", 1)),
-                 ray_settings.cpu_caption_actors)
+    workers = current_plan(ray_settings).decode_workers
     return dataclasses.replace(ray_settings, decode_workers=workers)
 
 

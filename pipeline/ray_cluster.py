@@ -16,8 +16,10 @@ import logging
 import os
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
 
 from pipeline.config import RaySettings
 
@@ -103,3 +105,35 @@ def ray_session(settings: RaySettings) -> Iterator[None]:
     finally:
         if started:
             shutdown_ray()
+
+
+@dataclass(frozen=True)
+class RayPlan:
+    """How the run uses the cluster: decode workers and caption actors, decided once."""
+
+    decode_workers: int
+    caption_actors: int
+    caption_actor_options: dict[str, Any] = field(default_factory=dict)
+    caption_threads: int | None = None  # torch threads per CPU caption actor (None: GPU)
+
+
+def plan_ray(settings: RaySettings, resources: Mapping[str, float]) -> RayPlan:
+    """One caption actor per GPU; without GPUs `cpu_caption_actors` CPU actors, which hold a
+    CPU each, so decode workers get the rest (at least one: more would leave one waiting for
+    a CPU forever), and each actor's torch threads share the CPUs with the decoders."""
+    gpus, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 1))
+    if gpus:
+        return RayPlan(settings.decode_workers, gpus, {"num_gpus": 1, "num_cpus": 1})
+    actors = settings.cpu_caption_actors
+    workers = max(1, min(settings.decode_workers, cpus - actors))
+    if workers != settings.decode_workers:
+        log.info("ray.decode_workers %d -> %d: %d CPUs, %d held by caption actors",
+                 settings.decode_workers, workers, cpus, actors)
+    return RayPlan(workers, actors, {"num_cpus": 1}, max(1, cpus // (actors + 1)))
+
+
+def current_plan(settings: RaySettings) -> RayPlan:
+    """`plan_ray` for the cluster Ray is connected to."""
+    import ray
+
+    return plan_ray(settings, ray.cluster_resources())

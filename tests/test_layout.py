@@ -43,3 +43,18 @@ def test_the_orchestrator_re_exports_the_libraries_own_types() -> None:
     assert pipeline.records.Transcript is qa.records.Transcript
     for error in (captioner.errors.CaptionerError, qa.errors.ReaderError):
         assert error in pipeline.errors.KNOWN_ERRORS
+
+
+def test_the_cluster_is_divided_up_in_one_place() -> None:
+    from pipeline.config import RaySettings
+    from pipeline.ray_cluster import plan_ray
+
+    settings = RaySettings(decode_workers=4, cpu_caption_actors=1)
+    cpu = plan_ray(settings, {"CPU": 2.0})
+    assert (cpu.decode_workers, cpu.caption_actors, cpu.caption_threads) == (1, 1, 1)
+    assert cpu.caption_actor_options == {"num_cpus": 1}
+    big = plan_ray(settings, {"CPU": 16.0})
+    assert (big.decode_workers, big.caption_threads) == (4, 8)
+    gpu = plan_ray(settings, {"CPU": 16.0, "GPU": 2.0})
+    assert (gpu.caption_actors, gpu.decode_workers, gpu.caption_threads) == (2, 4, None)
+    assert gpu.caption_actor_options == {"num_gpus": 1, "num_cpus": 1}
