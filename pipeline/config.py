@@ -61,7 +61,9 @@ class SamplingSettings:
     num_threads: int = 1
 
     def validate(self) -> None:
-        if self.fps <= 0:
+        if self.policy not in ("fps", "uniform"):
+            raise ValueError(f"policy must be 'fps' or 'uniform', got {self.policy!r}")
+        if not self.fps > 0:
             raise ValueError(f"fps must be > 0, got {self.fps}")
         if self.num_frames < 1:
             raise ValueError(f"num_frames must be >= 1, got {self.num_frames}")
