@@ -64,6 +64,8 @@ from captioner.training_data import (
     read_perturbations,
 )
 from captioner.training_paths import (
+    MODEL_DIR,
+    PREVIOUS_STAGE,
     resume_checkpoint,
     stage_dir,
     start_checkpoint,
@@ -71,8 +73,6 @@ from captioner.training_paths import (
 
 log = logging.getLogger("mmser.train")
 
-PREVIOUS_STAGE = {"caption": "align", "refine": "caption"}
-MODEL_DIR = "model"  # {output_dir}/{stage}/model: the stage's final checkpoint
 
 
 # --- the model to start from --------------------------------------------------------------

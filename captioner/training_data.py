@@ -34,8 +34,6 @@ from captioner.training_paths import start_checkpoint
 
 log = logging.getLogger("mmser.train")
 
-PREVIOUS_STAGE = {"caption": "align", "refine": "caption"}
-MODEL_DIR = "model"  # {output_dir}/{stage}/model: the stage's final checkpoint
 
 
 

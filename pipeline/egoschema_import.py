@@ -75,13 +75,20 @@ target with the zip member's size is skipped), already-extracted videos are hard
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from pipeline.egoschema_tables import (
+    _MAX_LISTED,
+    FULL_SET_SIZE,
+    HUB_REPO_ID,
+    LAYOUT_FOLDER,
+    LAYOUT_HUB,
+    LAYOUT_NAMES,
+    LAYOUT_OFFICIAL,
+    SUBSET_SIZE,
     _Answers,
     _is_answers_table,
     _listing,
@@ -108,25 +115,6 @@ from pipeline.errors import DatasetError
 __all__ = ["ImportReport", "download_and_import", "import_egoschema", "parse_answer",
            "snapshot_patterns", "strip_option_letters"]
 
-HUB_REPO_ID = "lmms-lab/egoschema"
-FULL_SET_SIZE = 5031  # questions in the released full set
-SUBSET_SIZE = 500  # questions whose answers are public
-
-LAYOUT_HUB = "hf-hub"
-LAYOUT_OFFICIAL = "official"
-LAYOUT_FOLDER = "folder"
-LAYOUT_NAMES = {
-    LAYOUT_HUB: "Hugging Face hub copy (lmms-lab/egoschema: parquet tables, video zips)",
-    LAYOUT_OFFICIAL: "official repository (questions.json, subset_answers.json, video folder)",
-    LAYOUT_FOLDER: "folder of .mp4 files with the question/answer JSON beside them",
-}
-
-LETTERS = "ABCDE"
-_MAX_LISTED = 20  # items listed in one message or summary section
-_MAX_JSON_BYTES = 256 << 20  # bigger .json files are not EgoSchema tables
-_ID_COLUMNS = ("q_uid", "video_idx", "question_idx")  # first one present names the question
-_OPTION_PREFIX = re.compile(r"^\s*(?:\(\s*([A-E])\s*\)|([A-E])\s*[.:)])\s*(\S.*)$", re.DOTALL)
-_ANSWER_LETTER = re.compile(r"\(?\s*([A-Ea-e])\s*\)?[.:]?")
 
 
 # ----------------------------------------------------------------------------------------
