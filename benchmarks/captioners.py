@@ -69,6 +69,7 @@ from benchmarks.captioner_sizes import (
 )
 from benchmarks.captioners_report import GOAL_MMSER_RATIO, GOAL_SPEEDUP, plot, table
 from benchmarks.machine import (
+    benchmark_dtype,
     load_average,
     machine,
     peak_memory,
@@ -94,7 +95,8 @@ class Options:
     """One benchmark run (see `parse_args` for the defaults per device)."""
 
     device: str = "cpu"
-    dtype: str = "bfloat16"
+    dtype: str = "auto"  # auto: bfloat16 on a GPU or a CPU with native bf16, else float32
+    dtype_reason: str = ""  # why this dtype (benchmarks.machine.benchmark_dtype)
     preset: Preset = field(default_factory=lambda: Preset("reduced", 4))
     captioners: tuple[str, ...] = NAMES
     frames: int = 8
@@ -319,6 +321,9 @@ def run(opts: Options, out_dir: Path) -> dict[str, Any]:
         torch.set_num_threads(opts.threads)
     if opts.repeats < 1:
         raise CaptionerError(f"--repeats must be >= 1, got {opts.repeats}")
+    if opts.dtype == "auto" or not opts.dtype_reason:
+        opts.dtype, opts.dtype_reason = benchmark_dtype(opts.dtype, opts.device)
+    print(f"dtype {opts.dtype} ({opts.dtype_reason})", flush=True)
     sizes = size_summary(opts.preset)  # before the long part: a broken import fails fast
     torch.manual_seed(opts.seed)
     rng = np.random.default_rng(opts.seed)
@@ -400,7 +405,9 @@ def write_outputs(result: dict[str, Any], out_dir: Path) -> None:
 def parse_args(argv: Sequence[str] | None = None) -> tuple[Options, Path]:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     parser.add_argument("--device", default="cpu", help="cpu or cuda (cuda:N)")
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    parser.add_argument("--dtype", default="auto",
+                        choices=["auto", "bfloat16", "float16", "float32"],
+                        help="auto: bfloat16 on a GPU or a CPU with native bf16, else float32")
     parser.add_argument("--preset", choices=["real", "reduced", "tiny"], default=None,
                         help="default: reduced on cpu, real on cuda")
     parser.add_argument("--depth-div", type=int, default=4,
@@ -435,9 +442,10 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Options, Path]:
     direct = args.direct
     if direct is None:
         direct = ["llava15"] if cuda and name == "real" else []
+    dtype, dtype_reason = benchmark_dtype(args.dtype, args.device)
     opts = Options(
         device=args.device,
-        dtype=args.dtype,
+        dtype=dtype, dtype_reason=dtype_reason,
         preset=preset,
         captioners=tuple(args.captioners),
         frames=args.frames or (512 if cuda else 8),

@@ -11,6 +11,8 @@ from pathlib import Path
 import torch
 import transformers
 
+from captioner.base import native_bf16_cpu
+
 
 def cpu_model() -> str:
     try:
@@ -27,6 +29,7 @@ def machine(device: torch.device) -> dict[str, object]:
         "cpu": cpu_model(),
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        "capability": torch.backends.cpu.get_cpu_capability(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "device": str(device),
@@ -76,3 +79,16 @@ def load_average() -> list[float] | None:
     with contextlib.suppress(OSError, AttributeError):
         return [round(x, 2) for x in os.getloadavg()]
     return None
+
+
+def benchmark_dtype(requested: str, device: str) -> tuple[str, str]:
+    """(dtype, why) for a timing benchmark: "auto" is bfloat16 on a GPU and on a CPU that does
+    bf16 natively (AMX, AVX512-BF16), float32 elsewhere, where emulated bf16 matmuls are
+    ~95x slower than float32 (docs/ARCHITECTURE.md) and would time the emulation."""
+    if requested != "auto":
+        return requested, "asked for"
+    if device.startswith("cuda"):
+        return "bfloat16", "GPU"
+    if native_bf16_cpu():
+        return "bfloat16", "CPU with native bf16"
+    return "float32", f"CPU without native bf16 ({torch.backends.cpu.get_cpu_capability()})"

@@ -169,6 +169,15 @@ def build_captioner(
     return captioner_module(name).build(settings, name, **kwargs)
 
 
+def native_bf16_cpu() -> bool:
+    """Whether this CPU does bf16 matmuls natively (AMX or AVX512-BF16; docs/ARCHITECTURE.md)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
 def resolve_device_dtype(device: str, dtype: str) -> tuple[str, str]:
     """Resolve "auto": device -> "cuda" when CUDA is present, else "cpu"; dtype ->
     "bfloat16" on cuda, else "float32". Explicit values pass through unchanged."""

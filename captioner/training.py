@@ -42,7 +42,7 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
-from captioner.base import image_backend
+from captioner.base import image_backend, native_bf16_cpu
 from captioner.configuration_mmser import MMSeRConfig
 from captioner.errors import CaptionerError
 from captioner.modeling_mmser import MMSeRForConditionalGeneration
@@ -291,15 +291,6 @@ class StageResult:
     wall_s: float
     processes: int = 1
     pair_kinds: dict[str, float] = field(default_factory=dict)
-
-
-def native_bf16_cpu() -> bool:
-    """Whether this CPU does bf16 matmuls natively (AMX or AVX512-BF16; docs/ARCHITECTURE.md)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
 def resolve_precision(precision: str, gpu: bool) -> str:

@@ -112,3 +112,15 @@ def test_defaults_per_device(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) ->
 def test_refuses_zero_repeats(tmp_path: Path) -> None:
     with pytest.raises(CaptionerError, match="--repeats must be >= 1, got 0"):
         run(Options(preset=Preset("tiny"), repeats=0), tmp_path)
+
+
+def test_benchmarks_time_float32_where_bf16_is_not_native(monkeypatch: pytest.MonkeyPatch) -> None:
+    import benchmarks.machine as machine
+
+    monkeypatch.setattr(machine, "native_bf16_cpu", lambda: False)
+    dtype, why = machine.benchmark_dtype("auto", "cpu")
+    assert dtype == "float32" and "without native bf16" in why
+    monkeypatch.setattr(machine, "native_bf16_cpu", lambda: True)
+    assert machine.benchmark_dtype("auto", "cpu") == ("bfloat16", "CPU with native bf16")
+    assert machine.benchmark_dtype("auto", "cuda") == ("bfloat16", "GPU")
+    assert machine.benchmark_dtype("float16", "cpu") == ("float16", "asked for")
