@@ -41,19 +41,12 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.learn import QUICK_WORK, RESULTS, WORK, derangement, machine_info
+from benchmarks.learn import QUICK_WORK, RESULTS, WORK, batched, derangement, machine_info
 
 MODELS = ("simple", "mmser coarse", "mmser 1 pass", "mmser 2 passes",
           "control mismatched", "control zeroed")  # fmt: skip
 TABLE_KEYS = ("bleu1", "bleu4", "rougeL", "cider", "meteor", "bertscore_f1")
 METRIC_NAMES = ["bleu", "rougeL", "cider", "meteor", "bertscore"]
-
-
-def _batched(fn: Any, *columns: list, size: int = 200, **kwargs: Any) -> list:
-    out: list = []
-    for i in range(0, len(columns[0]), size):
-        out += fn(*[c[i : i + size] for c in columns], **kwargs).results
-    return out
 
 
 def captions_of_seed(world_root: Path, seed_dir: Path, seed: int) -> dict[str, Any]:
@@ -69,21 +62,21 @@ def captions_of_seed(world_root: Path, seed_dir: Path, seed: int) -> dict[str, A
     out: dict[str, Any] = {"ids": [s.id for s in test],
                            "references": [list(s.captions) for s in test]}
     simple = build(settings, "simple", checkpoint=seed_dir / "caption" / "model")
-    out["simple"] = [r.caption for r in _batched(simple.caption_batch, images)]
+    out["simple"] = [r.caption for r in batched(simple.caption_batch, images)]
     mmser = build(settings, "mmser", checkpoint=seed_dir / "refine" / "model")
-    own = _batched(mmser.caption_batch, images)
+    own = batched(mmser.caption_batch, images)
     out["mmser coarse"] = [r.coarse_caption for r in own]
     out["mmser 1 pass"] = [r.caption for r in own]
     coarse = out["mmser coarse"]
     perm = derangement(len(images), np.random.default_rng(seed))
     mismatched = [images[j] for j in perm]
     out["control mismatched"] = [r.caption for r in
-                                 _batched(mmser.refine_given, mismatched, coarse)]
-    out["control zeroed"] = [r.caption for r in _batched(mmser.refine_given, images, coarse,
+                                 batched(mmser.refine_given, mismatched, coarse)]
+    out["control zeroed"] = [r.caption for r in batched(mmser.refine_given, images, coarse,
                                                          zero_refinement=True)]
     settings.mmser.refine_steps = 2
     twice = build(settings, "mmser", checkpoint=seed_dir / "refine" / "model")
-    out["mmser 2 passes"] = [r.caption for r in _batched(twice.caption_batch, images)]
+    out["mmser 2 passes"] = [r.caption for r in batched(twice.caption_batch, images)]
     return out
 
 

@@ -120,7 +120,7 @@ def train_seed(world: Any, out: Path, budget: Budget, seed: int) -> dict[str, fl
     return seconds
 
 
-def _batched(fn: Any, *columns: list, size: int = 200, **kwargs: Any) -> list:
+def batched(fn: Any, *columns: list, size: int = 200, **kwargs: Any) -> list:
     out: list = []
     for i in range(0, len(columns[0]), size):
         out += fn(*[c[i : i + size] for c in columns], **kwargs).results
@@ -175,8 +175,8 @@ def evaluate_seed(world: Any, out: Path, seed: int) -> dict[str, Any]:
         return parse_caption(text, spec) or {}
 
     record: dict[str, Any] = {"truth": truth, "held_out": [s.extra["held_out"] for s in test]}
-    record["simple"] = [r.caption for r in _batched(simple.caption_batch, images)]
-    own = _batched(mmser.caption_batch, images)
+    record["simple"] = [r.caption for r in batched(simple.caption_batch, images)]
+    own = batched(mmser.caption_batch, images)
     record["coarse"] = [r.coarse_caption for r in own]
     record["refined"] = [r.caption for r in own]
     perturber = RulePerturber(
@@ -202,14 +202,14 @@ def evaluate_seed(world: Any, out: Path, seed: int) -> dict[str, Any]:
         outputs = {}
         for condition in CONDITIONS:
             pixels = [mismatched[i] if condition == "mismatched" else images[i] for i in idx]
-            results = _batched(mmser.refine_given, pixels, texts,
+            results = batched(mmser.refine_given, pixels, texts,
                                zero_refinement=condition == "zeroed")
             full: list[str | None] = [None] * len(truth)
             for i, r in zip(idx, results, strict=True):
                 full[i] = r.caption
             outputs[condition] = full
         record["refined_given"][kind] = outputs
-    record["identity"] = [r.caption for r in _batched(mmser.refine_given, images, truth)]
+    record["identity"] = [r.caption for r in batched(mmser.refine_given, images, truth)]
     # Adaptive stopping, thresholds from the VALIDATION split's coarse confidences.
     val_conf = _confidences(mmser, [decode_rgb(s.image) for s in val])
     record["adaptive"] = {}
@@ -217,7 +217,7 @@ def evaluate_seed(world: Any, out: Path, seed: int) -> dict[str, Any]:
         t = float(np.percentile(val_conf, q))
         settings.mmser.confidence_threshold = t
         adaptive = build(settings, "mmser", checkpoint=out / "refine" / "model")
-        results = _batched(adaptive.caption_batch, images)
+        results = batched(adaptive.caption_batch, images)
         record["adaptive"][f"q{q}"] = {
             "threshold": t,
             "refined": [r.refine_passes > 0 for r in results],

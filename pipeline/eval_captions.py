@@ -32,6 +32,7 @@ from captioner.caption_metrics import CaptionScores, score_captions
 from captioner.train_data import CaptionSample, DataSource, decode_rgb, load_caption_sources
 from pipeline.config import Config, EvalCaptionsSettings
 from pipeline.errors import DatasetError, PipelineError
+from qa.answers import read_jsonl
 from qa.judge import judge_captions, judge_model_problem, mean_score
 
 log = logging.getLogger(__name__)
@@ -107,23 +108,9 @@ def read_predictions(path: str | Path) -> dict[str, str]:
 
 
 def _caption_rows(path: Path) -> dict[str, Prediction]:
-    """captions.jsonl of an earlier, maybe killed, run (a torn last line is ignored)."""
-    if not path.exists():
-        return {}
-    lines = path.read_text(encoding="utf-8").splitlines()
-    out: dict[str, Prediction] = {}
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = Prediction(**json.loads(line))
-        except (json.JSONDecodeError, TypeError) as exc:
-            if number == len(lines):
-                break
-            raise DatasetError(f"{path}:{number}: not a caption line ({exc})") from exc
-        if row.error is None:  # failed images are tried again
-            out[row.id] = row
-    return out
+    """captions.jsonl of an earlier, maybe killed, run; failed images are tried again."""
+    rows = read_jsonl(path, lambda d: Prediction(**d), "a caption line", DatasetError)
+    return {row.id: row for row in rows if row.error is None}
 
 
 def caption_samples(

@@ -46,7 +46,7 @@ from captioner.perturb import (
     validate_edits,
 )
 from pipeline.errors import DatasetError
-from qa.answers import JsonlWriter, drop_torn_tail
+from qa.answers import JsonlWriter, drop_torn_tail, read_jsonl
 from qa.prompts import fill
 from qa.reader import create_with_retries, make_client
 from qa.server import ManagedServer, server_url
@@ -119,22 +119,8 @@ def make_record(
 
 def read_records(path: Path) -> dict[str, PerturbRecord]:
     """Records by id. A torn last line is ignored; any other bad line raises DatasetError."""
-    path = Path(path)
-    if not path.exists():
-        return {}
-    lines = path.read_text(encoding="utf-8").splitlines()
-    records: dict[str, PerturbRecord] = {}
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            record = PerturbRecord(**json.loads(line))
-        except (json.JSONDecodeError, TypeError) as exc:
-            if number == len(lines):
-                break  # killed mid-write
-            raise DatasetError(f"{path}:{number}: not a perturbation record ({exc})") from exc
-        records[record.id] = record
-    return records
+    rows = read_jsonl(path, lambda d: PerturbRecord(**d), "a perturbation record", DatasetError)
+    return {record.id: record for record in rows}
 
 
 # One flushed line per record, the torn tail of a killed run cut first (qa's answers use it).

@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from qa.errors import ReaderError
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -57,28 +60,34 @@ class AnswerRecord:
         return cls(**{k: v for k, v in data.items() if k in names})
 
 
-def read_answers(path: Path) -> dict[str, AnswerRecord]:
-    """Records by q_uid; a later line for the same q_uid replaces an earlier one.
-
-    A torn last line (the run was killed while writing) is ignored; any other bad line
-    raises ReaderError naming the file and line.
-    """
+def read_jsonl(
+    path: Path, parse: Callable[[dict[str, Any]], T], what: str,
+    error: type[Exception] = ReaderError,
+) -> list[T]:
+    """Every line of a JSONL file (as `JsonlWriter` appends them) parsed by `parse`; [] when
+    the file is absent. A torn last line (killed mid-write) is ignored; any other bad line
+    raises `error` naming the file, the line and `what` it should be."""
     path = Path(path)
-    records: dict[str, AnswerRecord] = {}
     if not path.exists():
-        return records
+        return []
     lines = path.read_text(encoding="utf-8").splitlines()
+    out: list[T] = []
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
-            record = AnswerRecord.from_dict(json.loads(line))
+            out.append(parse(json.loads(line)))
         except (json.JSONDecodeError, TypeError) as exc:
             if number == len(lines):
                 break  # torn final write
-            raise ReaderError(f"{path}:{number}: not an answer record ({exc})") from exc
-        records[record.q_uid] = record
-    return records
+            raise error(f"{path}:{number}: not {what} ({exc})") from exc
+    return out
+
+
+def read_answers(path: Path) -> dict[str, AnswerRecord]:
+    """Records by q_uid; a later line for the same q_uid replaces an earlier one. A torn
+    last line is ignored; any other bad line raises ReaderError naming the file and line."""
+    return {r.q_uid: r for r in read_jsonl(path, AnswerRecord.from_dict, "an answer record")}
 
 
 def done_ids(path: Path) -> set[str]:
