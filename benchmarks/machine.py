@@ -24,12 +24,17 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def cpu_capability() -> str:
+    """torch's name for the CPU's vector unit (AVX2, AVX512, ...): what CPU kernels run."""
+    return str(torch.backends.cpu.get_cpu_capability())
+
+
 def machine(device: torch.device) -> dict[str, object]:
     info: dict[str, object] = {
         "cpu": cpu_model(),
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
-        "capability": torch.backends.cpu.get_cpu_capability(),
+        "capability": cpu_capability(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "device": str(device),
@@ -91,4 +96,4 @@ def benchmark_dtype(requested: str, device: str) -> tuple[str, str]:
         return "bfloat16", "GPU"
     if native_bf16_cpu():
         return "bfloat16", "CPU with native bf16"
-    return "float32", f"CPU without native bf16 ({torch.backends.cpu.get_cpu_capability()})"
+    return "float32", f"CPU without native bf16 ({cpu_capability()})"

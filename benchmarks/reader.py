@@ -36,6 +36,7 @@ from pathlib import Path
 
 import psutil
 
+from benchmarks.machine import cpu_capability
 from pipeline.records import FrameCaption, Question, Transcript
 from qa.reader import Reader
 from qa.server import ManagedServer
@@ -298,6 +299,9 @@ def main() -> None:
 
     result = {
         "machine": machine(),
+        "cpu_capability": cpu_capability(),
+        # vLLM's --dtype auto serves the checkpoint's own dtype: the tiny reader is float32.
+        "dtype": f"{settings.dtype} (tiny reader saved in float32)",
         "model": "tiny random Qwen2 (2 layers, hidden 64, 2 heads), vLLM CPU, --enforce-eager",
         "server": {
             "max_model_len": settings.max_model_len,

@@ -33,6 +33,7 @@ import re
 import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
@@ -324,6 +325,17 @@ def resolve_bertscore_model(model: str | None) -> tuple[str | None, str | None]:
     return model, model
 
 
+@lru_cache(maxsize=2)
+def _shared_scorer(model_type: str | None, layers: int | None, lang: str, rescale: bool,
+                   batch_size: int, device: str | None) -> Any:
+    """One loaded BERTScore model per setting for the process: a benchmark scoring several
+    captioners on one split loads it once, not once per captioner."""
+    from bert_score import BERTScorer
+
+    return BERTScorer(model_type=model_type, num_layers=layers, lang=lang,
+                      rescale_with_baseline=rescale, batch_size=batch_size, device=device)
+
+
 def _bertscore(
     predictions: Mapping[str, str],
     references: Mapping[str, Sequence[str]],
@@ -347,16 +359,17 @@ def _bertscore(
     elif model_type is not None and model_type.startswith((".", "/", "~")):
         raise NotComputed(f"bertscore_model {model_type!r}: no such model folder")
     try:
-        scorer = BERTScorer(
-            model_type=model_type,
-            num_layers=layers,
-            lang=settings.bertscore_lang,
-            idf=settings.bertscore_idf,
-            idf_sents=[r for k in ids for r in references[k]] if settings.bertscore_idf else None,
-            rescale_with_baseline=settings.bertscore_rescale_with_baseline,
-            batch_size=settings.bertscore_batch_size,
-            device=settings.device,
-        )
+        if settings.bertscore_idf:  # idf weights come from these references: no reuse
+            scorer = BERTScorer(
+                model_type=model_type, num_layers=layers, lang=settings.bertscore_lang,
+                idf=True, idf_sents=[r for k in ids for r in references[k]],
+                rescale_with_baseline=settings.bertscore_rescale_with_baseline,
+                batch_size=settings.bertscore_batch_size, device=settings.device,
+            )  # fmt: skip
+        else:
+            scorer = _shared_scorer(model_type, layers, settings.bertscore_lang,
+                                    settings.bertscore_rescale_with_baseline,
+                                    settings.bertscore_batch_size, settings.device)
     except Exception as exc:
         shown = name or f"the default for lang {settings.bertscore_lang!r}"
         raise NotComputed(
