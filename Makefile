@@ -59,7 +59,7 @@ compare: install  ## one table from several runs: make compare RUNS="runs/a runs
 	$(PY) -m pipeline compare $(RUNS)
 
 bench-captioners: install  ## all four captioners timed on the same frames (make bench-captioners ARGS="--device cuda")
-	$(PY) -m benchmarks.captioners $(ARGS)
+	$(PY) -m benchmarks.captioner_comparison $(ARGS)
 
 bench-learn: install  ## does refinement learn to correct by looking? 3 seeds on the synthetic world (~30 min)
 	$(PY) -m benchmarks.learn $(ARGS)

@@ -37,8 +37,8 @@ from captioner.modeling_mmser import (
     PassState,
     count_parameters,
 )
+from captioner.random_weights import gpt2_tokenizer
 from captioner.settings import DEFAULT_DRAFT_TOKENS, CaptionerSettings
-from captioner.tiny import gpt2_tokenizer
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

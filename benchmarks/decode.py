@@ -18,12 +18,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import time
 from collections import defaultdict
 from dataclasses import asdict, replace
 from pathlib import Path
 
+from benchmarks.machine import ray_machine
 from pipeline.config import RaySettings, SamplingSettings
 from pipeline.decode import DecodeFailure, WorkerStats, decode_videos_with_stats
 from pipeline.frames import sample_video
@@ -45,28 +45,6 @@ def bench_clip(minutes: float, width: int = 640, height: int = 480, fps: int = 3
         write_video(partial, frames, fps=fps, crf=23)
         partial.rename(path)  # only a complete file ever has the final name
     return path
-
-
-def machine() -> dict[str, object]:
-    model = "unknown"
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    import decord
-    import ray
-
-    return {
-        "host": platform.node(),
-        "cpu": model,
-        "cores": os.cpu_count(),
-        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
-        "python": platform.python_version(),
-        "decord": decord.__version__,
-        "ray": ray.__version__,
-    }
 
 
 def sampling_speed(clip: Path, sampling: SamplingSettings) -> dict[str, float]:
@@ -140,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     base = SamplingSettings(resize=resize)
     fps_policy = replace(base, policy="fps", fps=1.0)
     uniform_policy = replace(base, policy="uniform", num_frames=8)
-    info = machine()
+    info = ray_machine()
     clip = bench_clip(args.minutes)
 
     print("sampling one video in this process ...", flush=True)

@@ -24,8 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.decode import machine
-from captioner.tiny import build_tiny_checkpoint
+from benchmarks.machine import ray_machine
+from captioner.random_weights import build_tiny_checkpoint
 from pipeline.caption_stage import CaptionActorPool, CaptionedVideo, caption_videos
 from pipeline.captioning import _fit_decode_workers, caption_videos_cached
 from pipeline.config import load_config
@@ -117,7 +117,7 @@ def main() -> None:
         "warm_s": round(warm_s, 4),
         "warm_over_cold": round(warm_s / cold_s, 5),
         "overlap_ratio": round(cold_s / max(decode_alone, caption_alone), 3),
-        "machine": machine(),
+        "machine": ray_machine(),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))

@@ -29,14 +29,13 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import tempfile
 import time
 from pathlib import Path
 
 import psutil
 
-from benchmarks.machine import cpu_capability
+from benchmarks.machine import cpu_capability, machine_line
 from pipeline.records import FrameCaption, Question, Transcript
 from qa.reader import Reader
 from qa.server import ManagedServer
@@ -48,18 +47,6 @@ _WORDS = (
     "C picks up a knife from the table cuts the onion walks to the sink washes a plate "
     "opens the fridge pours water into a cup puts the bag on the floor looks around"
 ).split()
-
-
-def machine() -> str:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{platform.node()}: {cpu}, {os.cpu_count()} cores visible, no GPU"
 
 
 def make_questions(n: int, captions: int, seed: int) -> list[tuple[Question, Transcript]]:
@@ -298,7 +285,7 @@ def main() -> None:
         return round(qps[-1] / qps[0], 3)
 
     result = {
-        "machine": machine(),
+        "machine": machine_line(),
         "cpu_capability": cpu_capability(),
         # vLLM's --dtype auto serves the checkpoint's own dtype: the tiny reader is float32.
         "dtype": f"{settings.dtype} (tiny reader saved in float32)",

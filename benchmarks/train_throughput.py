@@ -20,20 +20,20 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
-from transformers import CLIPImageProcessor, TrainerCallback, TrainingArguments
+from transformers import CLIPImageProcessor, TrainingArguments
 
+from benchmarks.machine import StepTimer
 from captioner.configuration_mmser import real_config
 from captioner.modeling_mmser import MMSeRForConditionalGeneration
+from captioner.random_weights import TinySizes, build_tiny_checkpoint, opt_style_tokenizer
 from captioner.sequence import build_layout
 from captioner.settings import CaptionerSettings
-from captioner.tiny import TinySizes, build_tiny_checkpoint, opt_style_tokenizer
 from captioner.train_settings import DEFAULT_TRAINABLE
 from captioner.training import CaptionCollator, MMSeRTrainer, RefineCollator, set_trainable
 
@@ -58,25 +58,6 @@ class _Synthetic(Dataset):
     def __getitem__(self, i: int) -> dict[str, Any]:
         pixels = self.processor(images=self.images[i], return_tensors="pt")["pixel_values"][0]
         return {"pixel_values": pixels, "caption": self.captions[i], "coarse": self.coarse[i]}
-
-
-class _StepTimer(TrainerCallback):
-    def __init__(self, warmup: int, device: torch.device) -> None:
-        self.warmup, self.device, self.times = warmup, device, []
-        self.start = 0.0
-
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
-    def on_step_begin(self, args, state, control, **kwargs) -> None:  # noqa: ANN001
-        self._sync()
-        self.start = time.perf_counter()
-
-    def on_step_end(self, args, state, control, **kwargs) -> None:  # noqa: ANN001
-        self._sync()
-        if state.global_step > self.warmup:
-            self.times.append(time.perf_counter() - self.start)
 
 
 def build_model(preset: str, device: torch.device, dtype: torch.dtype, tmp: Path):
@@ -118,7 +99,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             trainable = set_trainable(model, DEFAULT_TRAINABLE[stage])
             collator = (RefineCollator if stage == "refine" else CaptionCollator)(
                 tokenizer, layout, args.caption_tokens)
-            timer = _StepTimer(args.warmup, device)
+            timer = StepTimer(args.warmup, device)
             trainer = MMSeRTrainer(
                 model=model,
                 args=TrainingArguments(

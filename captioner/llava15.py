@@ -15,7 +15,6 @@ simple model caption under the same instruction.
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -32,7 +31,6 @@ from captioner.base import (
     resolve_device_dtype,
     with_build_options,
 )
-from captioner.baseline_settings import Llava15Settings
 from captioner.errors import CaptionerError
 from captioner.settings import CaptionerSettings
 
@@ -78,20 +76,11 @@ class Llava15Captioner(Captioner):
         self,
         model: Any,
         processor: Any,
-        settings: CaptionerSettings | Llava15Settings,
+        settings: CaptionerSettings,
         name: str = "llava15",
-        **legacy: Any,
     ) -> None:
         """`settings`: what the captioner was built from (its identity); the prompt and
-        token budget are `settings.llava15`'s overrides of `settings.generation`.
-
-        The older form `(model, processor, llava15_settings, prompt=..., max_new_tokens=...,
-        min_new_tokens=..., num_beams=..., device=..., dtype=..., fingerprint=...)` still
-        works (benchmarks/captioners.py uses it); `fingerprint` is ignored there."""
-        if isinstance(settings, Llava15Settings):
-            settings = _from_legacy_arguments(settings, name, **legacy)
-        elif legacy:
-            raise CaptionerError(f"Llava15Captioner: unexpected arguments {sorted(legacy)}")
+        token budget are `settings.llava15`'s overrides of `settings.generation`."""
         self.name = name
         self.model = model
         self.processor = processor
@@ -141,29 +130,6 @@ class Llava15Captioner(Captioner):
         captions = self.processor.tokenizer.batch_decode(new, skip_special_tokens=True)
         timings["decode"] = time.perf_counter() - start
         return CaptionBatch([CaptionResult(caption=c.strip()) for c in captions], timings)
-
-
-def _from_legacy_arguments(
-    own: Llava15Settings,
-    name: str,
-    prompt: str,
-    max_new_tokens: int,
-    min_new_tokens: int,
-    num_beams: int,
-    device: str,
-    dtype: str,
-    fingerprint: str | None = None,
-) -> CaptionerSettings:
-    """The settings equivalent to the older constructor's resolved values."""
-    del fingerprint  # the identity fingerprints settings.llava15.checkpoint instead
-    own = dataclasses.replace(
-        own,
-        prompt=prompt,
-        max_new_tokens=max_new_tokens,
-        min_new_tokens=min_new_tokens,
-        num_beams=num_beams,
-    )
-    return CaptionerSettings(name=name, device=device, dtype=dtype, llava15=own)
 
 
 def _load(checkpoint: str, dtype: str) -> tuple[Any, Any]:

@@ -462,8 +462,8 @@ def build_world(
     tiny CLIP and OPT pretrained on it (stage 0, captioner/stand_in.py) from model seed
     `seed` under root/components/seed-{seed}; both are reused when already there for the
     same settings."""
+    from captioner.random_weights import WORLD_SIZES, build_tiny_components
     from captioner.stand_in import pretrain_components
-    from captioner.tiny import WORLD_SIZES, build_tiny_components
     from captioner.train_data import DataSource, load_caption_source
 
     root = write_world(root, spec, splits, seed=world_seed)

@@ -24,7 +24,7 @@ python3 -c "import torch, transformers; print('torch', torch.__version__, 'trans
 timeout 240 python3 -m benchmarks.captioner --device cuda --out "$OUT/captioner_cuda.json" \
     2>&1 | tee "$OUT/captioner_cuda.log"
 # All four captioners at real size (LLaVA-1.5-7B included), the paper's Time column.
-timeout 240 python3 -m benchmarks.captioners --device cuda --out "$OUT" \
+timeout 240 python3 -m benchmarks.captioner_comparison --device cuda --out "$OUT" \
     2>&1 | tee "$OUT/captioners_cuda.log"
 # Training throughput of the three stages at real size (samples/s, tokens/s, peak memory).
 timeout 150 python3 -m benchmarks.train_throughput --device cuda \

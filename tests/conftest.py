@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from captioner.tiny import build_tiny_checkpoint
+from captioner.random_weights import build_tiny_checkpoint
 
 
 @pytest.fixture(scope="session")

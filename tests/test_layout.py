@@ -58,3 +58,22 @@ def test_the_cluster_is_divided_up_in_one_place() -> None:
     gpu = plan_ray(settings, {"CPU": 16.0, "GPU": 2.0})
     assert (gpu.caption_actors, gpu.decode_workers, gpu.caption_threads) == (2, 4, None)
     assert gpu.caption_actor_options == {"num_gpus": 1, "num_cpus": 1}
+
+
+def test_random_weight_checkpoints_are_written_in_one_place() -> None:
+    """Size presets and random-weights checkpoint writers live once, beside the models
+    (captioner/random_weights*.py), for tests, the demo and the benchmarks."""
+    import re
+
+    writer = re.compile(r"(write|build)_(tiny_)?(mmser|llava|tag2text|checkpoint|components)"
+                        r"|official_\w*state_dict")
+    home = {"captioner/random_weights.py", "captioner/random_weights_baselines.py"}
+    elsewhere = []
+    for folder in ("captioner", "pipeline", "benchmarks", "tests"):
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            name = str(path.relative_to(ROOT))
+            for node in ast.walk(ast.parse(path.read_text(), name)):
+                if (isinstance(node, ast.FunctionDef) and writer.fullmatch(node.name)
+                        and name not in home):
+                    elsewhere.append(f"{name}:{node.lineno}: {node.name}")
+    assert elsewhere == []

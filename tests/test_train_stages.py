@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 
 from captioner.mmser import build
+from captioner.random_weights import TinySizes, build_tiny_components
 from captioner.settings import CaptionerSettings
-from captioner.tiny import TinySizes, build_tiny_components
 from pipeline.cli import main
 from pipeline.config import load_config
 from pipeline.errors import CaptionerError, ConfigError

