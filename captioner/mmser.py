@@ -191,20 +191,25 @@ class MMSeRCaptioner(Captioner):
         lap("vision")
         input_ids = self.prompt_ids[None].expand(B, -1)  # one prompt: no padding needed
         mask = torch.ones_like(input_ids)
-        # Greedy decoding writes into a preallocated (static) KV cache sized for every pass.
+        # Greedy decoding writes into preallocated (static) KV caches: with a reused cache,
+        # one KVArena for every pass, each pass viewing only the positions it can write.
         greedy = self.generation.num_beams == 1
         T, n_instr = self.generation.max_new_tokens, len(self.instruction_ids)
         reuse = self.settings.mmser.reuse_cache
         # A verified draft (last refinement pass) may spend up to T more slots on rejections.
         slack = T if self.refine_steps and self.max_draft else 0
 
-        def room(passes: int) -> int | None:
-            return self.model.cache_room(T, passes, n_instr, slack) if greedy else None
+        def room(last: bool) -> int | None:
+            """Cache positions one pass writes after its prompt."""
+            return (T + (slack if last else 0)) if greedy else None
 
+        arena_room = None
+        if greedy and reuse and self.refine_steps:
+            arena_room = self.model.cache_room(T, self.refine_steps, n_instr, slack)
         if given is None:
             state = self.model.caption_pass(
                 input_ids, mask, features, self.generation, keep_state=self.refine_steps > 0,
-                cache_room=room(self.refine_steps if reuse else 0),
+                cache_room=room(last=False), arena_room=arena_room,
             )
             coarse = self.tokenizer.batch_decode(state.tokens, skip_special_tokens=True)
         else:
@@ -252,7 +257,7 @@ class MMSeRCaptioner(Captioner):
                 state, features, self.instruction_ids, self.generation,
                 keep_state=step + 1 < self.refine_steps,
                 reuse_cache=reuse,
-                cache_room=room(0),
+                cache_room=room(last=step + 1 == self.refine_steps),
                 max_draft=self.max_draft,
                 zero_refinement=zero_refinement,
             )

@@ -49,14 +49,23 @@ class PassState:
     # (b, T, V) the LM's logits at each written token, when the generation config asks for
     # them (output_logits): tests compare them with the training forward's.
     logits: torch.Tensor | None = None
+    # The allocation `cache` views (greedy passes that continue one another's cache).
+    arena: KVArena | None = None
 
     def select(self, keep: torch.Tensor) -> PassState:
         """Keep only rows `keep` (b',) for the next pass (adaptive stopping)."""
-        if self.cache is not None:
-            select_cache_rows(self.cache, keep)
+        if self.arena is not None and self.cache is not None:
+            written = cached_length(self.cache)
+            self.arena.keep_rows(keep, written)
+            cache = self.arena.cache(self.cache.get_max_length(), written)
+        else:
+            cache = self.cache
+            if cache is not None:
+                select_cache_rows(cache, keep)
         pick = lambda t: None if t is None else t[keep]  # noqa: E731
         return replace(
             self,
+            cache=cache,
             rows=self.rows[keep],
             embeds=self.embeds[keep],
             mask=self.mask[keep],
@@ -77,6 +86,54 @@ def new_cache(config, max_len: int | None) -> Cache:
     if max_len is None:
         return DynamicCache(config=config)
     return StaticCache(config=config, max_cache_len=max_len)
+
+
+class KVArena:
+    """The keys and values of every pass over one batch, in one allocation per layer.
+
+    Each pass decodes into a StaticCache whose layers are views of the first `length`
+    positions of the arena: attention reads only the positions this pass can write (a
+    cache sized for every pass made MM-SeR's coarse pass read all of them, ~1.2x the simple
+    model's length at real size), and the next pass continues in place, with no copy.
+    Dropping rows for adaptive stopping moves the kept rows' written positions to the
+    front; that is the only copy. Written by hand: transformers' caches are either one
+    fixed length or grown by copying at every step.
+    """
+
+    def __init__(self, config, batch: int, max_len: int, dtype: torch.dtype,
+                 device: torch.device) -> None:
+        heads = config.num_attention_heads
+        shape = (batch, heads, max_len, config.hidden_size // heads)
+        self.config = config
+        self.max_len = max_len
+        self.rows = batch
+        zeros = lambda: torch.zeros(shape, dtype=dtype, device=device)  # noqa: E731
+        self.keys = [zeros() for _ in range(config.num_hidden_layers)]
+        self.values = [zeros() for _ in range(config.num_hidden_layers)]
+
+    def cache(self, length: int, written: int = 0) -> StaticCache:
+        """A StaticCache of `length` positions over the arena, `written` of them filled."""
+        if length > self.max_len:
+            raise ValueError(f"a pass needs {length} cache positions, the arena has {self.max_len}")
+        cache = StaticCache(config=self.config, max_cache_len=length)
+        for layer, keys, values in zip(cache.layers, self.keys, self.values, strict=True):
+            # What StaticLayer.lazy_initialization sets, without allocating.
+            layer.dtype, layer.device = keys.dtype, keys.device
+            layer.batch_size, layer.num_heads = self.rows, keys.shape[1]
+            layer.k_head_dim = layer.v_head_dim = keys.shape[-1]
+            layer.keys = keys[: self.rows, :, :length]
+            layer.values = values[: self.rows, :, :length]
+            layer.cumulative_length = torch.tensor(written, device=keys.device)
+            layer.is_initialized = True
+        return cache
+
+    @torch.inference_mode()  # the arena is made in a pass, as inference tensors
+    def keep_rows(self, keep: torch.Tensor, written: int) -> None:
+        """Keep rows `keep` (b',): their first `written` positions move to rows 0..b'-1."""
+        for tensor in (*self.keys, *self.values):
+            kept = tensor[: self.rows, :, :written].index_select(0, keep)
+            tensor[: kept.shape[0], :, :written] = kept
+        self.rows = int(keep.numel())
 
 
 def cached_length(cache: Cache) -> int:

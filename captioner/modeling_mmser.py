@@ -48,6 +48,7 @@ from captioner.configuration_mmser import MMSeRConfig
 from captioner.draft_decoding import draft_greedy, draft_lengths
 from captioner.errors import CaptionerError
 from captioner.mmser_passes import (
+    KVArena,
     PassState,
     VisionFeatures,
     _ConfidenceRecorder,
@@ -268,10 +269,14 @@ class MMSeRForConditionalGeneration(MMSeRTrainingForward, LlavaForConditionalGen
         cache_room: int | None = None,
         draft: torch.Tensor | None = None,
         max_draft: int = 0,
+        arena: KVArena | None = None,
+        arena_room: int | None = None,
     ) -> PassState:
         """Generate one caption per row continuing `embeds` (B, P, D) and, when
         `keep_state`, everything the next refinement pass needs. A new cache is static
-        with `cache_room` positions after `embeds` (None: dynamic). With a `draft` (B, Td)
+        with `cache_room` positions after `embeds` (None: dynamic); with `arena_room` it is
+        a view of a new KVArena of that many positions after `embeds`, which later passes
+        continue in place (`arena`: the one `cache` views). With a `draft` (B, Td)
         caption and `max_draft` > 0, greedy decoding verifies up to that many draft tokens
         per LM call (draft_decoding.py) when nothing needs recording for a later pass."""
         P = embeds.shape[1]
@@ -285,7 +290,11 @@ class MMSeRForConditionalGeneration(MMSeRTrainingForward, LlavaForConditionalGen
         record = keep_state and self.ser_connector is not None
         confidence = _ConfidenceRecorder()
         draft_stats = None
-        if greedy and cache is None:
+        if greedy and cache is None and arena_room is not None and cache_room is not None:
+            arena = KVArena(self.config.text_config, embeds.shape[0], P + arena_room,
+                            embeds.dtype, embeds.device)
+            cache = arena.cache(P + cache_room)
+        elif greedy and cache is None:
             cache_len = None if cache_room is None else P + cache_room
             cache = new_cache(self.config.text_config, cache_len)
         draftable = draft is not None and max_draft > 0 and draft.shape[1] > 0
@@ -337,6 +346,7 @@ class MMSeRForConditionalGeneration(MMSeRTrainingForward, LlavaForConditionalGen
             rows=rows, embeds=embeds, mask=mask,
             # A verified draft leaves masked holes in the cache that `mask` does not describe.
             cache=cache if greedy and draft_stats is None else None,
+            arena=arena if greedy and draft_stats is None else None,
             image_pos=image_pos, tokens=tokens, token_mask=token_mask,
             confidence=confidence_mean, cond=None, saliency=None, draft_stats=draft_stats,
             logits=logits,
@@ -361,15 +371,18 @@ class MMSeRForConditionalGeneration(MMSeRTrainingForward, LlavaForConditionalGen
         generation: GenerationConfig,
         keep_state: bool,
         cache_room: int | None = None,
+        arena_room: int | None = None,
     ) -> PassState:
         """The coarse (or only) caption: input_ids/attention_mask (B, S), left-padded, with
         image placeholders -> PassState with tokens (B, T). `cache_room`: positions after
-        the prompt that this and later passes will write (see `cache_room`); None keeps a
-        dynamic cache."""
+        the prompt this pass writes (None keeps a dynamic cache); `arena_room`: positions
+        after the prompt that this and the later passes write (see `cache_room()`), kept in
+        one KVArena that the refinement passes continue."""
         embeds, image_pos = self.embed_prompt(input_ids, features)
         rows = torch.arange(input_ids.shape[0], device=input_ids.device)
         return self._run_pass(
-            embeds, attention_mask, None, image_pos, rows, generation, keep_state, cache_room
+            embeds, attention_mask, None, image_pos, rows, generation, keep_state, cache_room,
+            arena_room=arena_room,
         )
 
     @torch.inference_mode()
@@ -424,8 +437,9 @@ class MMSeRForConditionalGeneration(MMSeRTrainingForward, LlavaForConditionalGen
     ) -> PassState:
         """One refinement pass: the sequence so far + [K refinement tokens] + instruction
         (I,) ids -> PassState with the refined tokens (b, T). With `reuse_cache` the LM only
-        prefills the new K + I positions; otherwise a new cache is made, static with
-        `cache_room` positions after this pass's prompt (None: dynamic). `max_draft` > 0
+        prefills the new K + I positions (in the first pass's KVArena, viewed to
+        `cache_room` positions after this pass's prompt); otherwise a new cache is made,
+        static with `cache_room` positions after this pass's prompt (None: dynamic). `max_draft` > 0
         verifies the previous caption as a draft, up to that many tokens per LM call (the
         last pass only: see `_run_pass`). `zero_refinement`: a control, see
         `refinement_tokens`."""
@@ -436,10 +450,13 @@ class MMSeRForConditionalGeneration(MMSeRTrainingForward, LlavaForConditionalGen
         new = torch.ones(b, refine.shape[1] + instruction.shape[1], dtype=state.mask.dtype,
                          device=state.mask.device)
         mask = torch.cat([state.mask, new], dim=1)
-        cache = state.cache if reuse_cache else None
+        cache, arena = (state.cache, state.arena) if reuse_cache else (None, None)
+        if arena is not None and cache is not None and cache_room is not None:
+            # The same positions, a view long enough for this pass.
+            cache = arena.cache(embeds.shape[1] + cache_room, written=cached_length(cache))
         return self._run_pass(
             embeds, mask, cache, state.image_pos, state.rows, generation, keep_state, cache_room,
-            draft=state.tokens, max_draft=max_draft,
+            draft=state.tokens, max_draft=max_draft, arena=arena,
         )
 
 def count_parameters(model: MMSeRForConditionalGeneration) -> dict[str, int]:

@@ -142,6 +142,48 @@ def test_reused_cache_equals_full_prefill(tiny_dir, frames):
     assert captions(reuse.caption_batch(frames)) == captions(full.caption_batch(frames))
 
 
+def test_iterative_passes_in_one_arena_equal_full_prefill(tiny_dir, frames):
+    """Three refinement passes continuing one KVArena (rows dropped between passes when a
+    caption stops changing) write what re-prefilling every pass writes."""
+    for threshold in (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95):
+        chosen = settings(refine_steps=3, confidence_threshold=threshold)
+        got = captions(build(chosen, "mmser", checkpoint=tiny_dir).caption_batch(frames))
+        passes = {p for *_, p in got}
+        if max(passes) >= 2 and len(passes) > 1:  # rows dropped after a refinement pass
+            break
+    else:
+        pytest.fail("no confidence threshold drops rows between refinement passes")
+    full = build(dataclasses.replace(chosen, mmser=dataclasses.replace(
+        chosen.mmser, reuse_cache=False)), "mmser", checkpoint=tiny_dir)
+    assert got == captions(full.caption_batch(frames))
+
+
+def test_coarse_pass_attends_over_the_simple_models_length(mmser, frames):
+    """MM-SeR's coarse pass views only the positions it writes (the simple model's cache
+    length); the refinement pass continues the same arena with a longer view."""
+    model, T = mmser.model, NEW_TOKENS
+    pixels = mmser.processor(images=frames, return_tensors="pt")["pixel_values"]
+    features = model.encode_images(pixels)
+    ids = mmser.prompt_ids[None].expand(len(frames), -1)
+    n_instr = len(mmser.instruction_ids)
+    state = model.caption_pass(
+        ids, torch.ones_like(ids), features, mmser.generation, keep_state=True,
+        cache_room=T, arena_room=model.cache_room(T, 1, n_instr),
+    )
+    P = ids.shape[1]
+    assert state.cache.get_max_length() == P + T
+    assert state.arena.max_len == P + T + model.config.num_refine_tokens + n_instr + T
+    arena_keys = state.arena.keys[0]
+    assert state.cache.layers[0].keys.data_ptr() == arena_keys.data_ptr()  # a view, no copy
+    refined = model.refine_pass(
+        state, features, mmser.instruction_ids, mmser.generation, keep_state=False,
+        cache_room=T,
+    )
+    full = mmser.caption_batch(frames).results
+    texts = mmser.tokenizer.batch_decode(refined.tokens, skip_special_tokens=True)
+    assert [t.strip() for t in texts] == [r.caption for r in full]
+
+
 def test_confidence_threshold_skips_refinement(tiny_dir, frames):
     never = build(settings(confidence_threshold=0.0), "mmser", checkpoint=tiny_dir)
     always = build(settings(confidence_threshold=1.01), "mmser", checkpoint=tiny_dir)
