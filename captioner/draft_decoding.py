@@ -46,13 +46,17 @@ def draft_lengths(tokens: torch.Tensor, eos_token_id: int) -> torch.Tensor:
     return first.long()
 
 
-def _realign(draft: list[int], expected: int, token: int) -> int:
-    """Where the draft continues after the LM wrote `token` at draft position `expected`."""
-    for offset in range(REALIGN_WINDOW + 1):
-        at = expected + offset
-        if at < len(draft) and draft[at] == token:
-            return at + 1
-    return expected + 1  # a substitution: skip the draft token it replaced
+def _realign(draft: torch.Tensor, draft_len: torch.Tensor, expected: torch.Tensor,
+             token: torch.Tensor) -> torch.Tensor:
+    """Where each row's draft (b, Td) continues after the LM wrote `token` (b,) at draft
+    position `expected` (b,): just after the first match within REALIGN_WINDOW, else after
+    the draft token it replaced (a substitution)."""
+    at = expected[:, None] + torch.arange(REALIGN_WINDOW + 1, device=draft.device)
+    hit = (at < draft_len[:, None]) & (
+        draft.gather(1, at.clamp(max=draft.shape[1] - 1)) == token[:, None]
+    )
+    first = hit.long().argmax(1)
+    return torch.where(hit.any(1), expected + first + 1, expected + 1)
 
 
 def _next_k(k: int, max_draft: int, kept_fraction: float, idle_calls: int) -> int:
@@ -112,74 +116,81 @@ def draft_greedy(
         inputs_embeds=embeds[:, cached:], attention_mask=mask, past_key_values=cache,
         use_cache=True,
     ).last_hidden_state[:, -1:]
+    written = embeds.shape[1]  # cache positions, counted here: reading the cache would sync
     first, first_p = choose(hidden, torch.zeros(b, dtype=torch.long, device=device))
-    out: list[list[int]] = [[t] for t in first[:, 0].tolist()]
-    out_p: list[list[float]] = [[p] for p in first_p[:, 0].tolist()]
-    done = [t == eos_token_id or max_new_tokens <= 1 for t in first[:, 0].tolist()]
-    drafts = [row[:n] for row, n in zip(draft.tolist(), draft_len.tolist(), strict=True)]
-    pointer = [_realign(d, 0, o[0]) for d, o in zip(drafts, out, strict=True)]
+    # Every row's state as tensors, so the bookkeeping below is batched like the LM call.
+    # `out` has room past max_new_tokens for one call's rejected positions (written as pad).
+    width = max_new_tokens + max_draft + 1
+    out = torch.full((b, width), pad_token_id, dtype=torch.long, device=device)
+    out_p = torch.zeros(b, width, device=device)
+    out[:, 0], out_p[:, 0] = first[:, 0], first_p[:, 0]
+    n_out = torch.ones(b, dtype=torch.long, device=device)
+    done = (first[:, 0] == eos_token_id) | (max_new_tokens <= 1)
+    pointer = _realign(draft, draft_len, torch.zeros_like(n_out), first[:, 0])
     current = first[:, 0]
     k, idle = max_draft, 0
+    any_live, fewest_out = (not bool(done.all())), 1  # the host values each call needs
+    positions = torch.arange(max_draft + 1, device=device)
 
-    while not all(done):
+    while any_live:
         if capacity >= 0:
             # Keep room for the longest unfinished row to end one token per call.
-            free = capacity - int(cache.get_seq_length())
-            left = max(max_new_tokens - len(o) for o, d in zip(out, done, strict=True) if not d)
+            free, left = capacity - written, max_new_tokens - fewest_out
             if free < left:  # a caller's sizing error: fail clearly, not inside the cache
                 raise CaptionerError(
                     f"KV cache too small for the refined caption: {free} free slots, "
                     f"{left} tokens still to write"
                 )
             k = max(0, min(k, free - left))
-        idx = torch.tensor(pointer, device=device)[:, None] + torch.arange(k, device=device)
+        j = positions[: k + 1][None]  # (1, k + 1)
+        idx = pointer[:, None] + j[:, :k]
         usable = idx < draft_len[:, None]  # (b, k)
         block = draft.gather(1, idx.clamp(max=draft.shape[1] - 1)) if k else idx
         block = block.masked_fill(~usable, pad_token_id)
-        live = torch.tensor([not d for d in done], device=device)
+        live = ~done
         ids = torch.cat([current[:, None], block], 1)  # (b, k + 1)
         step_mask = torch.cat([mask, live[:, None].expand(b, k + 1).to(mask.dtype)], 1)
         hidden = lm(
             inputs_embeds=embed(ids), attention_mask=step_mask, past_key_values=cache,
             use_cache=True,
         ).last_hidden_state
-        emitted = torch.tensor([len(o) for o in out], device=device)
-        chosen, chosen_p = choose(hidden, emitted)  # (b, k + 1)
+        written += k + 1
+        chosen, chosen_p = choose(hidden, n_out)  # (b, k + 1)
         agree = (block == chosen[:, :k]) & usable
         kept = agree.long().cumprod(1).sum(1)  # (b,) leading draft tokens the LM agrees with
         stats.calls += 1
 
-        kept_list, chosen_list, p_list = kept.tolist(), chosen.tolist(), chosen_p.tolist()
-        proposed_now = accepted_now = 0
-        valid = torch.zeros(b, k + 1, dtype=mask.dtype, device=device)
-        for i in range(b):  # bookkeeping on Python ints; the LM call above is batched
-            if done[i]:
-                continue
-            n = kept_list[i]
-            proposed_now += min(k, max(0, len(drafts[i]) - pointer[i]))
-            accepted_now += n
-            valid[i, : n + 1] = 1  # the fed token and the kept draft tokens
-            for t, p in zip(chosen_list[i][: n + 1], p_list[i][: n + 1], strict=True):
-                out[i].append(t)
-                out_p[i].append(p)
-                if t == eos_token_id or len(out[i]) >= max_new_tokens:
-                    done[i] = True
-                    break
-            pointer[i] = _realign(drafts[i], pointer[i] + n, chosen_list[i][n])
-        mask = torch.cat([mask, valid], 1)
+        # Each live row appends the fed token's successor and the kept draft tokens, up to
+        # its first EOS and max_new_tokens.
+        fed = (j <= kept[:, None]) & live[:, None]  # (b, k + 1) positions the LM keeps
+        is_eos = chosen == eos_token_id
+        eos_at = torch.where((is_eos & fed).any(1), (is_eos & fed).long().argmax(1), k + 1)
+        take = fed & (j <= eos_at[:, None]) & (n_out[:, None] + j < max_new_tokens)
+        at = n_out[:, None] + j
+        out.scatter_(1, at, torch.where(take, chosen, pad_token_id))
+        out_p.scatter_(1, at, torch.where(take, chosen_p, 0.0))
+        proposed = ((draft_len - pointer).clamp(0, k) * live).sum()
+        accepted = (kept * live).sum()
+        n_out = n_out + take.sum(1)
+        done = done | (take & is_eos).any(1) | (n_out >= max_new_tokens)
+        moved = _realign(draft, draft_len, pointer + kept, chosen.gather(1, kept[:, None])[:, 0])
+        pointer = torch.where(live, moved, pointer)
+        mask = torch.cat([mask, fed.to(mask.dtype)], 1)  # the fed token and the kept draft
         current = chosen.gather(1, kept[:, None])[:, 0]
+
+        # The one host synchronisation per call: whether to stop, and the draft length.
+        fewest = torch.where(done, max_new_tokens, n_out).min()
+        live_now, proposed_now, accepted_now, fewest_out = torch.stack(
+            [(~done).any().long(), proposed, accepted, fewest]
+        ).tolist()
+        any_live = bool(live_now)
         stats.proposed += proposed_now
         stats.accepted += accepted_now
         idle = idle + 1 if k == 0 else 0
         k = _next_k(k, max_draft, accepted_now / proposed_now if proposed_now else 0.0, idle)
 
-    length = max(len(o) for o in out)
-    tokens = torch.full((b, length), pad_token_id, dtype=torch.long, device=device)
-    probs = torch.zeros(b, length, device=device)
-    for i in range(b):
-        tokens[i, : len(out[i])] = torch.tensor(out[i], device=device)
-        probs[i, : len(out_p[i])] = torch.tensor(out_p[i], device=device)
-    return tokens, probs, stats
+    length = int(n_out.max())
+    return out[:, :length], out_p[:, :length], stats
 
 
 __all__ = ["DraftStats", "draft_greedy", "draft_lengths"]

@@ -127,10 +127,14 @@ def test_full_static_cache_shrinks_drafts_not_output(captioner, frames, referenc
 
 
 def test_realign_after_substitution_and_deletion():
-    draft = [10, 11, 12, 13, 14]
-    assert _realign(draft, 1, 99) == 2  # 11 replaced by 99: go on from 12
-    assert _realign(draft, 1, 13) == 4  # 11 and 12 dropped: go on after 13
-    assert _realign(draft, 5, 99) == 6  # past the end: no more draft
+    # One row per case, batched as draft_greedy calls it; the last row's draft is shorter.
+    draft = torch.tensor([[10, 11, 12, 13, 14]] * 4)
+    draft_len = torch.tensor([5, 5, 5, 3])
+    expected = torch.tensor([1, 1, 5, 1])
+    token = torch.tensor([99, 13, 99, 13])
+    # 11 replaced by 99: go on from 12; 11 and 12 dropped: go on after 13; past the end:
+    # no more draft; 13 lies beyond a 3-token draft: a substitution.
+    assert _realign(draft, draft_len, expected, token).tolist() == [2, 4, 6, 2]
 
 
 def test_draft_lengths_stop_after_eos():
