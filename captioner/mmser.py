@@ -22,6 +22,7 @@ from transformers import (
     AutoImageProcessor,
     AutoTokenizer,
     CLIPVisionModel,
+    CompileConfig,
     GenerationConfig,
     OPTForCausalLM,
 )
@@ -133,6 +134,8 @@ class MMSeRCaptioner(Captioner):
         )
         self.prompt_ids = torch.tensor(self.layout.prompt_ids, device=self.device)  # (S,)
         self.instruction_ids = self.layout.instruction_tensor(self.device)  # (I,)
+        self.record_after = name == "mmser" and mm.record_state == "after"
+        own = settings.simple if name == "simple" else mm
         self.generation = GenerationConfig(
             max_new_tokens=gen.max_new_tokens,
             min_new_tokens=gen.min_new_tokens,
@@ -141,6 +144,7 @@ class MMSeRCaptioner(Captioner):
             eos_token_id=self.layout.eos_token_id,
             pad_token_id=self.layout.pad_token_id,
             bos_token_id=tokenizer.bos_token_id,
+            compile_config=compile_config(self.device) if own.compile_decode else None,
         )
 
     def _sync(self) -> None:
@@ -210,6 +214,7 @@ class MMSeRCaptioner(Captioner):
             state = self.model.caption_pass(
                 input_ids, mask, features, self.generation, keep_state=self.refine_steps > 0,
                 cache_room=room(last=False), arena_room=arena_room,
+                record_after=self.record_after,
             )
             coarse = self.tokenizer.batch_decode(state.tokens, skip_special_tokens=True)
         else:
@@ -260,6 +265,7 @@ class MMSeRCaptioner(Captioner):
                 cache_room=room(last=step + 1 == self.refine_steps),
                 max_draft=self.max_draft,
                 zero_refinement=zero_refinement,
+                record_after=self.record_after,
             )
             for key, value in (state.draft_stats or {}).items():
                 counters[f"draft_{key}"] = counters.get(f"draft_{key}", 0) + value
@@ -274,6 +280,15 @@ class MMSeRCaptioner(Captioner):
                 captions[r] = texts[i]
                 passes[r] += 1
         return captions, passes, counters
+
+
+def compile_config(device: torch.device) -> CompileConfig:
+    """How decode steps are compiled: CUDA graphs on a GPU (a decode step there is bound by
+    kernel launches), inductor's default mode elsewhere (a CPU has no graphs to replay)."""
+    config = CompileConfig(fullgraph=False, dynamic=False,
+                           mode="reduce-overhead" if device.type == "cuda" else "default")
+    config._compile_all_devices = True  # generate compiles only on accelerators unless told
+    return config
 
 
 def _settings_for(settings: CaptionerSettings, name: str) -> Any:

@@ -141,6 +141,16 @@ def cached_length(cache: Cache) -> int:
     return int(cache.get_seq_length())
 
 
+def rewind_cache(cache: Cache, length: int) -> None:
+    """Forget every position from `length` on: the next forward writes there again."""
+    if isinstance(cache, DynamicCache):
+        cache.crop(length)
+        return
+    for layer in cache.layers:
+        if getattr(layer, "is_initialized", False):
+            layer.cumulative_length.fill_(length)
+
+
 def select_cache_rows(cache: Cache, keep: torch.Tensor) -> None:
     """Keep rows `keep` of every layer, in place (StaticCache layers have no
     batch_select_indices of their own)."""

@@ -15,6 +15,7 @@ from transformers.utils import ModelOutput
 
 from captioner.errors import CaptionerError
 from captioner.mmser_passes import VisionFeatures, _StateRecorder
+from captioner.saliency import attention_saliency
 from captioner.sequence import caption_mask, label_mask
 
 # --- training outputs ---------------------------------------------------------------------
@@ -123,9 +124,9 @@ class MMSeRTrainingForward:
             finally:
                 lm.train(was_training)
             recorded = recorder.outputs()
-            saliency = self.attention_saliency(
+            saliency = attention_saliency(
                 recorded[:-1], self._recorded_keys(keys.outputs()), seq_mask, P, image_pos,
-                coarse_mask,
+                coarse_mask, self.config.text_config.num_attention_heads,
             )
         refine = self.ser_connector(features.multi_layer, saliency, recorded[-1], coarse_mask)
         if zero_refinement:

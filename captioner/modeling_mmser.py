@@ -55,8 +55,10 @@ from captioner.mmser_passes import (
     _StateRecorder,
     cached_length,
     new_cache,
+    rewind_cache,
 )
 from captioner.mmser_training_forward import MMSeRTrainingForward
+from captioner.saliency import attention_saliency
 from captioner.sequence import caption_mask
 from captioner.ser_connector import SeRBlock, SeRConnector
 
@@ -124,50 +126,6 @@ class MMSeRForConditionalGeneration(MMSeRTrainingForward, LlavaForConditionalGen
 
     # -- saliency --------------------------------------------------------------------------
 
-    def attention_saliency(
-        self,
-        queries: list[torch.Tensor],
-        keys: list[torch.Tensor],
-        mask: torch.Tensor,
-        query_start: int,
-        image_pos: torch.Tensor,
-        token_mask: torch.Tensor,
-    ) -> torch.Tensor:
-        """The LM's attention from the caption tokens to the image tokens.
-
-        queries: per saliency layer (B, T, D), q_proj outputs at sequence positions
-        query_start .. query_start + T - 1 (the caption tokens); keys: the same layers'
-        keys (B, H, >=Pc, D/H) over positions 0..Pc-1, Pc = query_start + T (a KV cache's,
-        or k_proj outputs reshaped); mask (B, >=Pc); image_pos (B, N); token_mask (B, T)
-        -> saliency (B, N), averaged over layers, heads and real caption tokens,
-        normalised to sum 1 (uniform where a row has no caption tokens).
-        """
-        text = self.config.text_config
-        H = text.num_attention_heads
-        B, T, D = queries[0].shape
-        N = image_pos.shape[1]
-        scale = (D // H) ** -0.5
-        Pc = query_start + T
-        key_pos = torch.arange(Pc, device=mask.device)
-        query_pos = query_start + torch.arange(T, device=mask.device)
-        allowed = mask[:, None, None, :Pc].bool() & (key_pos[None, :] <= query_pos[:, None])
-        # A query always sees itself, even where the mask has a hole (EOS, padding): its
-        # row then stays finite; such rows carry no weight below.
-        allowed = allowed | (key_pos[None, :] == query_pos[:, None])
-        gather_idx = image_pos[:, None, None, :].expand(B, H, T, N)
-        saliency = torch.zeros(B, T, N, device=mask.device)
-        for q, k in zip(queries, keys, strict=True):
-            k = k[:, :, :Pc].float()  # (B, H, Pc, D/H)
-            q = q.float().view(B, T, H, D // H).transpose(1, 2) * scale  # (B, H, T, D/H)
-            scores = (q @ k.transpose(-1, -2)).masked_fill(~allowed, float("-inf"))
-            probs = scores.softmax(-1)  # (B, H, T, Pc)
-            saliency += probs.gather(-1, gather_idx).mean(1)  # (B, T, N)
-        weight = token_mask.float()[..., None]  # (B, T, 1)
-        saliency = (saliency * weight).sum(1) / weight.sum(1).clamp_min(1.0)  # (B, N)
-        total = saliency.sum(-1, keepdim=True)
-        uniform = torch.full_like(saliency, 1.0 / N)
-        return torch.where(total > 0, saliency / total.clamp_min(1e-12), uniform)
-
     def _saliency_modules(self) -> list[nn.Module]:
         decoder = self.model.language_model.decoder
         return [decoder.layers[i].self_attn.q_proj for i in self.config.saliency_layers]
@@ -196,9 +154,9 @@ class MMSeRForConditionalGeneration(MMSeRTrainingForward, LlavaForConditionalGen
         caption-token outputs (queries per saliency layer, then final hidden states)."""
         T = state.tokens.shape[1]
         state.cond = recorded[-1][:, :T]
-        state.saliency = self.attention_saliency(
+        state.saliency = attention_saliency(
             [q[:, :T] for q in recorded[:-1]], keys, state.mask, start, state.image_pos,
-            state.token_mask,
+            state.token_mask, self.config.text_config.num_attention_heads,
         )
         return state
 
@@ -271,6 +229,7 @@ class MMSeRForConditionalGeneration(MMSeRTrainingForward, LlavaForConditionalGen
         max_draft: int = 0,
         arena: KVArena | None = None,
         arena_room: int | None = None,
+        record_after: bool = False,
     ) -> PassState:
         """Generate one caption per row continuing `embeds` (B, P, D) and, when
         `keep_state`, everything the next refinement pass needs. A new cache is static
@@ -278,16 +237,23 @@ class MMSeRForConditionalGeneration(MMSeRTrainingForward, LlavaForConditionalGen
         a view of a new KVArena of that many positions after `embeds`, which later passes
         continue in place (`arena`: the one `cache` views). With a `draft` (B, Td)
         caption and `max_draft` > 0, greedy decoding verifies up to that many draft tokens
-        per LM call (draft_decoding.py) when nothing needs recording for a later pass."""
+        per LM call (draft_decoding.py) when nothing needs recording for a later pass.
+        `record_after`: take the state with one teacher-forced forward over the caption
+        after decoding instead of hooks during it (always so when decoding is compiled)."""
         P = embeds.shape[1]
         greedy = generation.num_beams == 1
         generation = copy.deepcopy(generation)
-        # No auto-compile (generate turns it on for a static cache on CUDA): CUDA graphs
-        # would overwrite the hook outputs that _StateRecorder keeps between steps.
-        generation.disable_compile = True
+        # Compiled decode steps only when the caller asks (a compile_config): generate
+        # would otherwise turn compilation on by itself for a static cache on CUDA.
+        asked = generation.compile_config is not None and not generation.disable_compile
+        compiled = greedy and asked
+        generation.disable_compile = not compiled
         generation.return_dict_in_generate = True
         generation.output_scores = not greedy  # beams: sequences_scores for the confidence
         record = keep_state and self.ser_connector is not None
+        # CUDA graphs reuse the buffers that hooks would keep between steps.
+        record_after = record and (record_after or compiled)
+        prompt_mask = mask
         confidence = _ConfidenceRecorder()
         draft_stats = None
         if greedy and cache is None and arena_room is not None and cache_room is not None:
@@ -310,7 +276,7 @@ class MMSeRForConditionalGeneration(MMSeRTrainingForward, LlavaForConditionalGen
             draft_stats = dataclasses.asdict(stats)
             logits = None
         elif greedy:
-            modules = self._recorded_modules() if record else []
+            modules = self._recorded_modules() if record and not record_after else []
             recorder = _StateRecorder(modules, start=P, offset=cached_length(cache))
             with recorder:
                 out = self.generate(
@@ -353,6 +319,18 @@ class MMSeRForConditionalGeneration(MMSeRTrainingForward, LlavaForConditionalGen
         )
         if not record:
             return state
+        if record_after:
+            # The caption once more in one forward, under the mask generate used (every
+            # written token attended), over the positions decoding wrote, plus the last.
+            rewind_cache(cache, P)
+            recorder = _StateRecorder(self._recorded_modules(), start=P, offset=P)
+            written_mask = torch.cat([prompt_mask, torch.ones_like(token_mask)], dim=1)
+            with recorder:
+                self.model.language_model(
+                    inputs_embeds=embeds[:, P:], attention_mask=written_mask,
+                    past_key_values=cache, use_cache=True,
+                )
+            return self._finish_state(state, recorder.outputs(), self._cache_keys(cache), P)
         # generate never feeds its last token back; one more step does, so the state that
         # has read the whole caption is recorded and the cache holds the whole sequence.
         with recorder:
@@ -372,17 +350,18 @@ class MMSeRForConditionalGeneration(MMSeRTrainingForward, LlavaForConditionalGen
         keep_state: bool,
         cache_room: int | None = None,
         arena_room: int | None = None,
+        record_after: bool = False,
     ) -> PassState:
         """The coarse (or only) caption: input_ids/attention_mask (B, S), left-padded, with
         image placeholders -> PassState with tokens (B, T). `cache_room`: positions after
         the prompt this pass writes (None keeps a dynamic cache); `arena_room`: positions
         after the prompt that this and the later passes write (see `cache_room()`), kept in
-        one KVArena that the refinement passes continue."""
+        one KVArena that the refinement passes continue; `record_after`: see `_run_pass`."""
         embeds, image_pos = self.embed_prompt(input_ids, features)
         rows = torch.arange(input_ids.shape[0], device=input_ids.device)
         return self._run_pass(
             embeds, attention_mask, None, image_pos, rows, generation, keep_state, cache_room,
-            arena_room=arena_room,
+            arena_room=arena_room, record_after=record_after,
         )
 
     @torch.inference_mode()
@@ -434,6 +413,7 @@ class MMSeRForConditionalGeneration(MMSeRTrainingForward, LlavaForConditionalGen
         cache_room: int | None = None,
         max_draft: int = 0,
         zero_refinement: bool = False,
+        record_after: bool = False,
     ) -> PassState:
         """One refinement pass: the sequence so far + [K refinement tokens] + instruction
         (I,) ids -> PassState with the refined tokens (b, T). With `reuse_cache` the LM only
@@ -456,7 +436,7 @@ class MMSeRForConditionalGeneration(MMSeRTrainingForward, LlavaForConditionalGen
             cache = arena.cache(embeds.shape[1] + cache_room, written=cached_length(cache))
         return self._run_pass(
             embeds, mask, cache, state.image_pos, state.rows, generation, keep_state, cache_room,
-            draft=state.tokens, max_draft=max_draft, arena=arena,
+            draft=state.tokens, max_draft=max_draft, arena=arena, record_after=record_after,
         )
 
 def count_parameters(model: MMSeRForConditionalGeneration) -> dict[str, int]:
@@ -476,8 +456,12 @@ def count_parameters(model: MMSeRForConditionalGeneration) -> dict[str, int]:
     return counts
 
 
-AutoConfig.register("mmser", MMSeRConfig, exist_ok=True)
-AutoModelForImageTextToText.register(MMSeRConfig, MMSeRForConditionalGeneration, exist_ok=True)
+def register_auto_classes() -> None:
+    """Let transformers' Auto classes load MM-SeR checkpoints (model_type "mmser"). The
+    product builds the class directly; this is for users of AutoModelForImageTextToText,
+    called by them, not as a side effect of importing the module."""
+    AutoConfig.register("mmser", MMSeRConfig, exist_ok=True)
+    AutoModelForImageTextToText.register(MMSeRConfig, MMSeRForConditionalGeneration, exist_ok=True)
 
 __all__ = [
     "MMSeRForConditionalGeneration",
@@ -485,4 +469,5 @@ __all__ = [
     "SeRConnector",
     "VisionFeatures",
     "count_parameters",
+    "register_auto_classes",
 ]

@@ -35,6 +35,12 @@ class SimpleSettings:
     checkpoint: str | None = None
     vision_model: str = "openai/clip-vit-large-patch14-336"
     language_model: str = "facebook/opt-125m"
+    # Greedy decode steps run compiled (torch.compile; CUDA graphs on a GPU) over the
+    # static KV cache: the same captions as eager; pays off where a decode step is
+    # launch-bound (GPU), costs a compilation per batch shape. false: eager.
+    compile_decode: bool = False
+
+    speed_only: ClassVar[tuple[str, ...]] = ("compile_decode",)
 
     def model_files(self) -> dict[str, str | None]:
         """The fields naming model files (local paths or hub ids), as build() reads them."""
@@ -68,9 +74,17 @@ class MMSeRSettings(SimpleSettings):
     # DEFAULT_DRAFT_TOKENS on GPU, 0 on CPU, where a (k+1)-token call costs ~4 single
     # steps at batch 32 and drafts only paid off when nearly all of them were kept.
     draft_tokens: int | None = None
+    # When the caption conditioning and the saliency queries are taken: "during" decoding
+    # (forward hooks on every step, then one step feeding the last token) or "after" it
+    # (one teacher-forced forward over the caption). The same captions up to float
+    # rounding; "during" measured cheaper on CPU (bench-captioner); compile_decode always
+    # records after (CUDA graphs reuse the buffers hooks would keep).
+    record_state: Literal["during", "after"] = "during"
 
     # Fields that change speed, not captions: left out of the caption cache's key.
-    speed_only: ClassVar[tuple[str, ...]] = ("reuse_cache", "draft_tokens")
+    speed_only: ClassVar[tuple[str, ...]] = (
+        "compile_decode", "reuse_cache", "draft_tokens", "record_state",
+    )
 
 
 @dataclass

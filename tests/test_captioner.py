@@ -61,8 +61,9 @@ def test_round_trip_gives_identical_captions(mmser, frames, tmp_path):
 def test_auto_class_loads_checkpoint(tiny_dir):
     from transformers import AutoModelForImageTextToText
 
-    from captioner.modeling_mmser import MMSeRForConditionalGeneration
+    from captioner.modeling_mmser import MMSeRForConditionalGeneration, register_auto_classes
 
+    register_auto_classes()  # explicit: importing the module registers nothing
     model = AutoModelForImageTextToText.from_pretrained(tiny_dir)
     assert isinstance(model, MMSeRForConditionalGeneration)
     assert model.lm_head.weight is model.get_input_embeddings().weight  # tied, as in OPT
@@ -182,6 +183,39 @@ def test_coarse_pass_attends_over_the_simple_models_length(mmser, frames):
     full = mmser.caption_batch(frames).results
     texts = mmser.tokenizer.batch_decode(refined.tokens, skip_special_tokens=True)
     assert [t.strip() for t in texts] == [r.caption for r in full]
+
+
+def test_state_recorded_after_decoding_equals_during(tiny_dir, mmser, frames):
+    """One teacher-forced forward after decoding records the state that hooks during
+    decoding record: the same saliency and conditioning, so the same refined captions."""
+    after = build(settings(record_state="after"), "mmser", checkpoint=tiny_dir)
+    assert after.record_after and not mmser.record_after
+    states = []
+    for captioner in (mmser, after):
+        pixels = captioner.processor(images=frames, return_tensors="pt")["pixel_values"]
+        features = captioner.model.encode_images(pixels)
+        ids = captioner.prompt_ids[None].expand(len(frames), -1)
+        states.append(captioner.model.caption_pass(
+            ids, torch.ones_like(ids), features, captioner.generation, keep_state=True,
+            cache_room=NEW_TOKENS, record_after=captioner.record_after,
+        ))
+    during, teacher_forced = states
+    assert torch.equal(during.tokens, teacher_forced.tokens)
+    torch.testing.assert_close(teacher_forced.saliency, during.saliency, atol=1e-5, rtol=1e-4)
+    # At real caption tokens (the connector reads no other; past EOS the two feed the
+    # last token under different masks).
+    real = during.token_mask.bool()
+    torch.testing.assert_close(teacher_forced.cond[real], during.cond[real], atol=1e-5, rtol=1e-4)
+    assert captions(after.caption_batch(frames)) == captions(mmser.caption_batch(frames))
+
+
+def test_compiled_decode_equals_eager(tiny_dir, mmser, frames):
+    """compile_decode runs generate's decode steps through torch.compile (inductor on CPU,
+    CUDA graphs on a GPU) and writes the eager path's captions."""
+    compiled = build(settings(compile_decode=True), "mmser", checkpoint=tiny_dir)
+    assert compiled.generation.compile_config is not None
+    assert captions(compiled.caption_batch(frames)) == captions(mmser.caption_batch(frames))
+    assert hasattr(compiled.model, "_compiled_call")  # generate did compile its step
 
 
 def test_confidence_threshold_skips_refinement(tiny_dir, frames):

@@ -77,3 +77,17 @@ def test_random_weight_checkpoints_are_written_in_one_place() -> None:
                         and name not in home):
                     elsewhere.append(f"{name}:{node.lineno}: {node.name}")
     assert elsewhere == []
+
+
+def test_no_module_registers_anything_when_imported() -> None:
+    """Registration (transformers' Auto classes, Ray remote functions) happens when a caller
+    asks for it, never as a side effect of an import: no `.register(...)` at module level."""
+    found = []
+    for package in ("captioner", "qa", "pipeline", "benchmarks"):
+        for path in sorted((ROOT / package).rglob("*.py")):
+            for node in ast.parse(path.read_text(), str(path)).body:
+                call = node.value if isinstance(node, ast.Expr) else None
+                if (isinstance(call, ast.Call) and isinstance(call.func, ast.Attribute)
+                        and call.func.attr == "register"):
+                    found.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    assert found == []
