@@ -45,7 +45,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def build_captioners(
-    device: torch.device, dtype: torch.dtype, new_tokens: int
+    device: torch.device, dtype: torch.dtype, new_tokens: int, compile_decode: bool = False
 ) -> tuple[dict[str, MMSeRCaptioner], dict[str, int]]:
     """The real-size model with random weights, wrapped as `simple`, `mmser` (the product's
     settings: the coarse caption is verified as a draft) and `mmser_plain` (draft_tokens 0:
@@ -64,6 +64,7 @@ def build_captioners(
     settings.generation.min_new_tokens = new_tokens
     settings.mmser.refine_steps = 1
     settings.mmser.draft_tokens = DEFAULT_DRAFT_TOKENS  # the GPU default, on any device
+    settings.simple.compile_decode = settings.mmser.compile_decode = compile_decode
     plain = copy.deepcopy(settings)
     plain.mmser.draft_tokens = 0
     captioners = {
@@ -206,6 +207,8 @@ def main() -> None:
                         help="alternate simple/mmser runs this many times; report medians")
     parser.add_argument("--agreements", type=float, nargs="*", default=[1.0, 0.9, 0.75],
                         help="draft agreements to time the refinement pass at (largest batch)")
+    parser.add_argument("--compile-decode", action="store_true",
+                        help="compiled decode steps (captioner.*.compile_decode; for GPUs)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
 
@@ -215,7 +218,7 @@ def main() -> None:
     cuda = device.type == "cuda"
     batch_sizes = args.batch_sizes or ([64, 128, 256] if cuda else [1, 8, 32])
     out_path = args.out or RESULTS / ("captioner_cuda.json" if cuda else "captioner.json")
-    captioners, params = build_captioners(device, dtype, args.new_tokens)
+    captioners, params = build_captioners(device, dtype, args.new_tokens, args.compile_decode)
     mmser = captioners["mmser"]
     rng = np.random.default_rng(0)
     # Warm-up (allocator, kernels) on a small batch, not measured.
@@ -294,6 +297,7 @@ def main() -> None:
         "repeats": args.repeats,
         "reuse_cache": mmser.settings.mmser.reuse_cache,
         "draft_tokens": mmser.max_draft,
+        "compile_decode": args.compile_decode,
         "parameters": params,
         # Counted on one frame (benchmarks/flops.py): total, connector, lm_head, attention.
         "flops_per_frame": flops,
