@@ -253,17 +253,11 @@ class MMSeRForConditionalGeneration(MMSeRTrainingForward, LlavaForConditionalGen
         record = keep_state and self.ser_connector is not None
         # CUDA graphs reuse the buffers that hooks would keep between steps.
         record_after = record and (record_after or compiled)
-        prompt_mask = mask
-        confidence = _ConfidenceRecorder()
-        draft_stats = None
-        if greedy and cache is None and arena_room is not None and cache_room is not None:
-            arena = KVArena(self.config.text_config, embeds.shape[0], P + arena_room,
-                            embeds.dtype, embeds.device)
-            cache = arena.cache(P + cache_room)
-        elif greedy and cache is None:
-            cache_len = None if cache_room is None else P + cache_room
-            cache = new_cache(self.config.text_config, cache_len)
+        if greedy and cache is None:
+            cache, arena = self._new_pass_cache(embeds, cache_room, arena_room)
         draftable = draft is not None and max_draft > 0 and draft.shape[1] > 0
+        recorder = _StateRecorder([], start=P)
+        draft_stats, logits = None, None
         if greedy and draftable and not record and self._plain_greedy(generation):
             tokens, probs, stats = draft_greedy(
                 self, embeds, mask, cache, draft, draft_lengths(draft, generation.eos_token_id),
@@ -274,30 +268,24 @@ class MMSeRForConditionalGeneration(MMSeRTrainingForward, LlavaForConditionalGen
                 max_draft=max_draft,
             )
             draft_stats = dataclasses.asdict(stats)
-            logits = None
         elif greedy:
             modules = self._recorded_modules() if record and not record_after else []
             recorder = _StateRecorder(modules, start=P, offset=cached_length(cache))
+            confidence = _ConfidenceRecorder()
             with recorder:
                 out = self.generate(
-                    inputs_embeds=embeds,
-                    attention_mask=mask,
-                    past_key_values=cache,
-                    generation_config=generation,
-                    logits_processor=[confidence],
+                    inputs_embeds=embeds, attention_mask=mask, past_key_values=cache,
+                    generation_config=generation, logits_processor=[confidence],
                 )
             tokens = out.sequences  # (B, T) new tokens only
             probs = torch.stack(confidence.probs, 1)  # (B, T)
             logits = torch.stack(out.logits, 1) if generation.output_logits else None
         else:
             out = self.generate(
-                inputs_embeds=embeds,
-                attention_mask=mask,
-                generation_config=generation,
+                inputs_embeds=embeds, attention_mask=mask, generation_config=generation
             )
             tokens = out.sequences
             probs = out.sequences_scores.float().exp()[:, None].expand(tokens.shape)
-            logits = None
         eos = generation.eos_token_id
         token_mask = caption_mask(tokens, eos)
         confidence_mean = (probs * token_mask).sum(1) / token_mask.sum(1).clamp_min(1)
@@ -306,13 +294,14 @@ class MMSeRForConditionalGeneration(MMSeRTrainingForward, LlavaForConditionalGen
             state = self.teacher_forced_state(embeds, mask, image_pos, tokens, eos, rows)
             state.confidence = confidence_mean
             return state
-        embeds = torch.cat([embeds, self.get_input_embeddings()(tokens)], dim=1)
-        mask = torch.cat([mask, token_mask.to(mask.dtype)], dim=1)
+        # A verified draft leaves masked holes in the cache that the state's mask does not
+        # describe: no later pass continues it.
+        continued = greedy and draft_stats is None
         state = PassState(
-            rows=rows, embeds=embeds, mask=mask,
-            # A verified draft leaves masked holes in the cache that `mask` does not describe.
-            cache=cache if greedy and draft_stats is None else None,
-            arena=arena if greedy and draft_stats is None else None,
+            rows=rows,
+            embeds=torch.cat([embeds, self.get_input_embeddings()(tokens)], dim=1),
+            mask=torch.cat([mask, token_mask.to(mask.dtype)], dim=1),
+            cache=cache if continued else None, arena=arena if continued else None,
             image_pos=image_pos, tokens=tokens, token_mask=token_mask,
             confidence=confidence_mean, cond=None, saliency=None, draft_stats=draft_stats,
             logits=logits,
@@ -320,25 +309,35 @@ class MMSeRForConditionalGeneration(MMSeRTrainingForward, LlavaForConditionalGen
         if not record:
             return state
         if record_after:
-            # The caption once more in one forward, under the mask generate used (every
-            # written token attended), over the positions decoding wrote, plus the last.
+            # One teacher-forced forward over the caption, under the mask generate used
+            # (every written token attended), rewriting the positions decoding wrote.
             rewind_cache(cache, P)
             recorder = _StateRecorder(self._recorded_modules(), start=P, offset=P)
-            written_mask = torch.cat([prompt_mask, torch.ones_like(token_mask)], dim=1)
-            with recorder:
-                self.model.language_model(
-                    inputs_embeds=embeds[:, P:], attention_mask=written_mask,
-                    past_key_values=cache, use_cache=True,
-                )
-            return self._finish_state(state, recorder.outputs(), self._cache_keys(cache), P)
-        # generate never feeds its last token back; one more step does, so the state that
-        # has read the whole caption is recorded and the cache holds the whole sequence.
+            new_tokens, written_mask = state.embeds[:, P:], torch.cat(
+                [mask, torch.ones_like(token_mask)], dim=1)
+        else:
+            # generate never feeds its last token back; one more step does, so the state
+            # that has read the whole caption is recorded and the cache holds all of it.
+            new_tokens, written_mask = state.embeds[:, -1:], state.mask
         with recorder:
             self.model.language_model(
-                inputs_embeds=embeds[:, -1:], attention_mask=mask, past_key_values=cache,
+                inputs_embeds=new_tokens, attention_mask=written_mask, past_key_values=cache,
                 use_cache=True,
             )
         return self._finish_state(state, recorder.outputs(), self._cache_keys(cache), P)
+
+    def _new_pass_cache(
+        self, embeds: torch.Tensor, cache_room: int | None, arena_room: int | None
+    ) -> tuple[Cache, KVArena | None]:
+        """A greedy pass's new cache: a view of a new KVArena (`arena_room` positions after
+        `embeds`, for this and later passes), a StaticCache, or (no room) a DynamicCache."""
+        P = embeds.shape[1]
+        if arena_room is not None and cache_room is not None:
+            arena = KVArena(self.config.text_config, embeds.shape[0], P + arena_room,
+                            embeds.dtype, embeds.device)
+            return arena.cache(P + cache_room), arena
+        cache_len = None if cache_room is None else P + cache_room
+        return new_cache(self.config.text_config, cache_len), None
 
     @torch.inference_mode()
     def caption_pass(
