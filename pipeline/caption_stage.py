@@ -33,6 +33,8 @@ log = logging.getLogger(__name__)
 
 # Batches in flight per worker: 2 lets the next batch be queued while one runs.
 BATCHES_IN_FLIGHT_PER_WORKER = 2
+# A lost caption actor that Ray cannot restart this long (no node has room) is given up.
+ACTOR_RESTART_TIMEOUT_S = 300.0
 
 
 @dataclass
@@ -105,9 +107,16 @@ class _Batch:
 
 
 class CaptionActorPool:
-    """CaptionWorker actors (one per GPU, or `ray.cpu_caption_actors` on CPU) with per-actor
-    in-flight accounting. Created once, it can serve several `caption_videos` calls (the
-    caller then shuts it down); the constructor returns once every actor has its model."""
+    """CaptionWorker actors (one per GPU, or `ray.cpu_caption_actors` per node on CPU) with
+    per-actor in-flight accounting. Created once, it can serve several `caption_videos`
+    calls (the caller then shuts it down); the constructor returns once every actor has its
+    model. Actors are placed with SPREAD scheduling, so a cluster captions on every node.
+
+    A lost actor (its process or its node died) fails only its batches, which the scheduler
+    retries on the actors still up; Ray restarts it once (`max_restarts=1`) where resources
+    allow, and it takes work again when it answers a ping. One that is not back within
+    `ACTOR_RESTART_TIMEOUT_S` (no node has room for it) is given up.
+    """
 
     def __init__(self, settings: CaptionerSettings, ray_settings: RaySettings) -> None:
         import ray
@@ -117,12 +126,16 @@ class CaptionActorPool:
         plan = current_plan(ray_settings)  # the one place the cluster is divided up
         count, options, threads = plan.caption_actors, plan.caption_actor_options, \
             plan.caption_threads
+        # max_task_retries=0: a batch on a lost actor fails at once and is retried on a live
+        # one, instead of waiting for a restart that may never find a free node.
         actor_cls = ray.remote(CaptionWorker).options(
-            max_restarts=1, max_task_retries=1, **options
+            max_restarts=1, max_task_retries=0, scheduling_strategy="SPREAD", **options
         )
-        self.actors = [actor_cls.remote(settings, None, threads) for _ in range(count)]
+        self.actors: list[Any] = [actor_cls.remote(settings, None, threads)
+                                  for _ in range(count)]
         self.in_flight = [0] * count
         self._refs: dict[Any, _Batch] = {}
+        self._down: dict[int, tuple[Any, float]] = {}  # actor -> (its ping, lost since)
         # A captioner that cannot be built fails every video alike: stop the run with the
         # reason now, instead of failing each batch with the same traceback.
         try:
@@ -138,11 +151,19 @@ class CaptionActorPool:
                 f"{_first_lines(reason)}"
             ) from None
 
+    def _up(self) -> list[int]:
+        return [i for i, a in enumerate(self.actors) if a is not None and i not in self._down]
+
     def capacity(self) -> int:
-        return BATCHES_IN_FLIGHT_PER_WORKER * len(self.actors) - len(self._refs)
+        up = self._up()
+        return BATCHES_IN_FLIGHT_PER_WORKER * len(up) - sum(self.in_flight[i] for i in up)
 
     def submit(self, batch: _Batch) -> None:
-        worker = int(np.argmin(self.in_flight))
+        up = self._up()
+        if not up:
+            raise CaptionerError("every caption actor was lost (their nodes died or they "
+                                 "crashed twice); no actor is left to caption on")
+        worker = min(up, key=lambda i: self.in_flight[i])
         batch.worker = worker
         batch.started = time.perf_counter()
         ref = self.actors[worker].__call__.remote(batch.pixels)
@@ -150,29 +171,69 @@ class CaptionActorPool:
         self._refs[ref] = batch
 
     def busy(self) -> bool:
-        return bool(self._refs)
+        return bool(self._refs or self._down)
 
     def wait(self, block: bool) -> list[tuple[_Batch, CaptionBatch | Exception]]:
         import ray
 
-        if not self._refs:
+        pings = {ping: i for i, (ping, _) in self._down.items()}
+        if not self._refs and not pings:
             return []
-        ready, _ = ray.wait(list(self._refs), num_returns=1, timeout=None if block else 0)
+        timeout = 0.0 if not block else (5.0 if pings else None)  # pings: check deadlines
+        ready, _ = ray.wait(list(self._refs) + list(pings), num_returns=1, timeout=timeout)
         out = []
         for ref in ready:
+            if ref in pings:
+                self._answered(pings[ref], ref)
+                continue
             batch = self._refs.pop(ref)
             self.in_flight[batch.worker] -= 1
             try:
                 out.append((batch, ray.get(ref)))
-            except Exception as exc:  # a crashed actor or a captioner error: this batch only
+            except ray.exceptions.RayActorError as exc:  # the actor or its node died
+                self._lost(batch.worker)
                 out.append((batch, exc))
+            except Exception as exc:  # a captioner error: this batch only
+                out.append((batch, exc))
+        self._give_up_late_restarts()
         return out
+
+    def _lost(self, index: int) -> None:
+        if index not in self._down and self.actors[index] is not None:
+            log.warning("caption actor %d lost; its batches go to the others", index)
+            self._down[index] = (self.actors[index].ping.remote(), time.monotonic())
+
+    def _answered(self, index: int, ping: Any) -> None:
+        import ray
+
+        del self._down[index]
+        try:
+            ray.get(ping)
+            log.info("caption actor %d is back", index)
+        except ray.exceptions.RayActorError:  # out of restarts: gone for good
+            self.actors[index] = None
+
+    def _give_up_late_restarts(self) -> None:
+        import ray
+
+        now = time.monotonic()
+        for index, (_, since) in list(self._down.items()):
+            if now - since > ACTOR_RESTART_TIMEOUT_S:
+                log.warning("caption actor %d did not come back in %.0f s; given up",
+                            index, ACTOR_RESTART_TIMEOUT_S)
+                ray.kill(self.actors[index])
+                self.actors[index] = None
+                del self._down[index]
+        if not any(a is not None for a in self.actors):
+            raise CaptionerError("every caption actor was lost (their nodes died or they "
+                                 "did not restart); no actor is left to caption on")
 
     def shutdown(self) -> None:
         import ray
 
         for actor in self.actors:
-            ray.kill(actor)
+            if actor is not None:
+                ray.kill(actor)
 
 
 class _LocalWorkers:

@@ -12,6 +12,10 @@ queued), so at most 2x workers are in flight and memory stays bounded. A video d
 longer than `sampling.decode_timeout_s` gets its actor killed (decord can hang in native
 code holding the GIL, so nothing short of ending the process stops it) and is reported as
 failed; a worker that dies (crash, OOM kill) gets its video retried once on a fresh one.
+On a multi-node cluster the actors are placed with SPREAD scheduling (every node decodes);
+when a node is lost, its workers' videos go to the survivors and the pool shrinks with the
+cluster's CPUs instead of waiting for a replacement that has nowhere to run. A failure
+names the node that saw it (a path missing on one node: storage not shared, docs/CLUSTER.md).
 Frames come back through Ray's object store: the arrays are read-only, zero-copy views.
 
 Serial path (ray.enabled false): the same worker code in this process, in input order, for
@@ -20,6 +24,7 @@ debugging; it gives identical frames but has no timeout (a hang hangs).
 
 from __future__ import annotations
 
+import logging
 import os
 import resource
 import time
@@ -36,6 +41,8 @@ from pipeline.config import RaySettings, SamplingSettings
 from pipeline.errors import PipelineError, VideoDecodeError
 from pipeline.frames import check_sampling, sample_video
 from pipeline.records import SampledFrames, VideoItem
+
+log = logging.getLogger(__name__)
 
 JOBS_PER_WORKER = 2  # one decoding + one queued: workers never idle, memory stays bounded
 WORKER_START_TIMEOUT_S = 300.0  # starting an actor process on a loaded machine can be slow
@@ -77,8 +84,11 @@ def _own_stats() -> WorkerStats:
 class DecodeWorker:
     """Decodes one video per call. The Ray path runs it as an actor (one killable process)."""
 
-    def __init__(self, sampling: SamplingSettings) -> None:
+    def __init__(self, sampling: SamplingSettings, name_node: bool = False) -> None:
         self.sampling = sampling
+        # On Ray, failures say which node saw them: on a cluster a path may exist on some
+        # nodes only (a disk that is not the shared one).
+        self.node = _this_node() if name_node else None
 
     def ready(self) -> int:
         """The worker's pid, once its process is up."""
@@ -89,8 +99,21 @@ class DecodeWorker:
         try:
             result: DecodeResult = sample_video(item.path, item.video_id, self.sampling)
         except VideoDecodeError as exc:
-            result = DecodeFailure(item.video_id, Path(item.path), exc.reason)
+            reason = exc.reason if self.node is None else \
+                f"{exc.reason} on node {self.node}: {item.path}"
+            result = DecodeFailure(item.video_id, Path(item.path), reason)
         return result, _own_stats()
+
+
+def _this_node() -> str:
+    """'hostname (IP, node id)' of the Ray node this process runs on."""
+    import socket
+
+    import ray
+
+    context = ray.get_runtime_context()
+    ip = ray.util.get_node_ip_address()
+    return f"{socket.gethostname()} ({ip}, node {context.get_node_id()[:12]})"
 
 
 def decode_videos(
@@ -182,12 +205,21 @@ def _decode_on_ray(
     workers = ray_settings.decode_workers
     if workers < 1:
         raise PipelineError(f"ray.decode_workers must be >= 1, got {workers}")
-    remote_worker = ray.remote(num_cpus=cpus_per_worker, max_restarts=0)(DecodeWorker)
+    # SPREAD: on a cluster, every node gets decode workers (one node: no difference).
+    remote_worker = ray.remote(num_cpus=cpus_per_worker, max_restarts=0,
+                               scheduling_strategy="SPREAD")(DecodeWorker)
     sampling_ref = ray.put(sampling)  # shared by every actor, fresh ones included
+    start_cpus = ray.cluster_resources().get("CPU", 0.0)
 
     def new_slot() -> _Slot:
-        actor = remote_worker.remote(sampling_ref)
+        actor = remote_worker.remote(sampling_ref, True)
         return _Slot(actor=actor, ready_ref=actor.ready.remote())
+
+    def cluster_shrank(slots: list[_Slot]) -> bool:
+        """True when the cluster lost CPUs (a node died) and fewer workers fit now."""
+        cpus = ray.cluster_resources().get("CPU", 0.0)
+        fit = max(1, int(workers * cpus / start_cpus)) if start_cpus else workers
+        return len(slots) > fit
 
     def submit(slot: _Slot, job: _Job) -> None:
         job.ref = slot.actor.decode.remote(job.item)
@@ -200,6 +232,15 @@ def _decode_on_ray(
         fresh = new_slot()
         slot.actor, slot.ready_ref, slot.ready, slot.pid = fresh.actor, fresh.ready_ref, False, None
         slot.created = fresh.created
+        queued = list(slot.jobs)
+        slot.jobs.clear()
+        return queued
+
+    def drop(slot: _Slot) -> list[_Job]:
+        """Retire the slot (its node is gone); return its unfinished queued jobs."""
+        ray.kill(slot.actor, no_restart=True)
+        slots.remove(slot)
+        log.warning("a decode worker's node left the cluster; %d workers go on", len(slots))
         queued = list(slot.jobs)
         slot.jobs.clear()
         return queued
@@ -258,8 +299,12 @@ def _decode_on_ray(
                 try:
                     result, stats = ray.get(ref)
                 except RayActorError as exc:
-                    # The process died under this video (crash, OOM kill): fresh worker.
-                    todo.extendleft(reversed(replace(slot)))
+                    # The process died under this video (crash, OOM kill): fresh worker;
+                    # its node died with it: the survivors take its videos.
+                    if cluster_shrank(slots):
+                        todo.extendleft(reversed(drop(slot)))
+                    else:
+                        todo.extendleft(reversed(replace(slot)))
                     if job.attempt < DIED_RETRIES:
                         todo.appendleft(_Job(job.item, job.attempt + 1))
                         continue
