@@ -316,7 +316,7 @@ def _decode_on_ray(
                 yield result, stats
 
             # Timeouts: the worker may be stuck in native code; only killing it stops it.
-            for slot in slots:
+            for slot in list(slots):
                 if slot.jobs and slot.jobs[0].started is not None:
                     if now - slot.jobs[0].started > sampling.decode_timeout_s:
                         job, pid = slot.jobs.popleft(), slot.pid
@@ -325,6 +325,9 @@ def _decode_on_ray(
                                   f"{sampling.decode_timeout_s:g} s; its worker (pid {pid}) "
                                   "was killed")
                         yield _failure(job, reason, timed_out=True), None
+                elif not slot.ready and now - slot.created > 2.0 and cluster_shrank(slots):
+                    # A replacement made before Ray marked its node dead: no room for it.
+                    todo.extendleft(reversed(drop(slot)))
                 elif not slot.ready and now - slot.created > WORKER_START_TIMEOUT_S:
                     raise PipelineError(
                         f"a Ray decode worker (num_cpus={cpus_per_worker}) did not start in "
