@@ -12,7 +12,7 @@ export VLLM_CACHE_ROOT ?= $(CURDIR)/.cache/vllm
 export HF_HUB_OFFLINE ?= 1
 
 .PHONY: help install demo test lint videoqa serve-reader train bench-decode bench-captioner \
-	bench-reader bench-pipeline bench-captioners bench-learn bench-captioning \
+	bench-reader bench-pipeline bench-captioners bench-learn bench-captioning bench-cluster \
 	eval-captions data compare clean
 
 help:  ## list the commands
@@ -53,6 +53,9 @@ bench-reader: install  ## reader questions/s at concurrency 1 vs 8 (tiny CPU vLL
 
 bench-pipeline: install  ## cold vs warm cache, decode/caption overlap
 	$(PY) -m benchmarks.pipeline $(ARGS)
+
+bench-cluster: install  ## the same videos on a 2-node local Ray cluster and on one node
+	$(PY) -m benchmarks.cluster $(ARGS)
 
 RUNS ?= $(wildcard runs/*)
 compare: install  ## one table from several runs: make compare RUNS="runs/a runs/b"

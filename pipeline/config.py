@@ -85,9 +85,9 @@ class RaySettings:
     address: str | None = None
     # CPUs of the local cluster (null: all cores).
     num_cpus: int | None = None
-    # Parallel decode workers (each num_cpus=1, decord num_threads=1).
+    # Parallel decode workers per node (each num_cpus=1, decord num_threads=1).
     decode_workers: int = 2
-    # Captioner actors on a machine without GPUs (with GPUs: one actor per GPU).
+    # Captioner actors per node without GPUs (with GPUs: one actor per GPU).
     cpu_caption_actors: int = 1
     # Use Ray at all; false runs every stage serially in this process (for debugging).
     enabled: bool = True
