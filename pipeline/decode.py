@@ -210,9 +210,12 @@ def _decode_on_ray(
                                scheduling_strategy="SPREAD")(DecodeWorker)
     sampling_ref = ray.put(sampling)  # shared by every actor, fresh ones included
     start_cpus = ray.cluster_resources().get("CPU", 0.0)
+    from pipeline.ray_cluster import alive_nodes
+
+    name_node = len(alive_nodes()) > 1  # on one machine the node is noise in a reason
 
     def new_slot() -> _Slot:
-        actor = remote_worker.remote(sampling_ref, True)
+        actor = remote_worker.remote(sampling_ref, name_node)
         return _Slot(actor=actor, ready_ref=actor.ready.remote())
 
     def cluster_shrank(slots: list[_Slot]) -> bool:
