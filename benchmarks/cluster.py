@@ -6,7 +6,7 @@
 Both layouts caption the same generated videos with the tiny local MM-SeR captioner
 (random weights: only its cost matters) through `caption_videos_cached` on an empty cache:
   one_node   a private local cluster with --cpus-per-node CPUs;
-  two_nodes  a head node and a worker node (tests/cluster_fixtures.py: real Ray processes,
+  two_nodes  a head node and a worker node (pipeline/local_cluster.py: real Ray processes,
              loopback only), each with --cpus-per-node CPUs, joined with `ray.address`.
 The batch size is one video's frame count, so both layouts batch alike and the captions
 must be identical (`captions_identical`). `nodes_used` counts the nodes that ran decode
@@ -28,13 +28,13 @@ from typing import Any
 import torch
 
 from benchmarks.machine import machine
-from captioner.tiny import build_tiny_checkpoint
+from captioner.random_weights import build_tiny_checkpoint
 from pipeline.captioning import caption_videos_cached
 from pipeline.config import Config, load_config
+from pipeline.local_cluster import LocalCluster, nodes_used
 from pipeline.ray_cluster import init_ray, shutdown_ray
 from pipeline.records import VideoItem
 from pipeline.synth import textured_frames, write_video
-from tests.cluster_fixtures import LocalCluster, nodes_used
 
 BENCH_DIR = Path("data/bench/cluster")
 RESULTS = Path("benchmarks/results/cluster.json")

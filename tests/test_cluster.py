@@ -1,7 +1,7 @@
 """A real 2-node Ray cluster on this machine: joining it with `ray.address`, work on both
 nodes, captions equal to a local run, the cache shared, a node-local path, node loss.
 
-The cluster is started once for the module (tests/cluster_fixtures.py) and stopped after
+The cluster is started once for the module (pipeline/local_cluster.py) and stopped after
 it; the node-loss test kills the worker node, so it runs last.
 """
 
@@ -14,14 +14,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from captioner.tiny import build_tiny_checkpoint
+from captioner.random_weights import build_tiny_checkpoint
 from pipeline.cache import CaptionCache
 from pipeline.captioning import caption_videos_cached
 from pipeline.config import Config, RaySettings, SamplingSettings, load_config
 from pipeline.decode import DecodeFailure, decode_videos
+from pipeline.local_cluster import LocalCluster, mount_namespaces_permitted, nodes_used
 from pipeline.records import SampledFrames, VideoItem
 from pipeline.synth import textured_frames, write_video
-from tests.cluster_fixtures import LocalCluster, mount_namespaces_permitted, nodes_used
 
 FRAMES_PER_VIDEO = 6  # 6 s at sampling.fps 1; also the batch size (one video per batch)
 

@@ -1,15 +1,15 @@
 """A real 2-node Ray cluster on this machine (loopback only), for tests and bench-cluster.
 
     cluster = LocalCluster(cpus_per_node=2, hidden_on_worker=Path("/tmp/x/head-only"))
-    address = cluster.start()          # head via ray.cluster_utils, worker via `ray start`
+    address = cluster.start()          # head via ray.cluster_utils, worker in its own process
     ...                                # ray.init(address=address) / RaySettings(address=...)
     cluster.kill_worker()              # every process of the worker node, SIGKILL
     cluster.stop()
 
-The head node runs in this process's tree (`ray.cluster_utils.Cluster`). The worker node is
-`ray start --address ... --block` in its own session, so its processes can be told apart
-from everyone else's Ray processes on a shared machine (never `ray stop`: it would end every
-Ray instance of the user). When `hidden_on_worker` is given and mount namespaces are
+The head node runs in this process's tree (`ray.cluster_utils.Cluster`). The worker node
+is `python -m pipeline.local_cluster ADDRESS CPUS` in its own session, so its processes can
+be told apart from everyone else's Ray processes on a shared machine (never `ray stop`: it
+would end every Ray instance of the user). When `hidden_on_worker` is given and mount namespaces are
 permitted (`unshare --mount`, root or user namespaces), the worker node runs in its own
 mount namespace with an empty tmpfs over that folder: a path there is readable on the head
 node only, as a node-local disk is on a real cluster.
@@ -85,10 +85,10 @@ class LocalCluster:
         return self.address
 
     def start_worker(self, timeout_s: float = 180.0) -> None:
-        # `python -m tests.cluster_fixtures ADDRESS CPUS`: cluster_utils' own recipe for a
+        # `python -m pipeline.local_cluster ADDRESS CPUS`: cluster_utils' own recipe for a
         # worker node, in a process of its own (`ray start` would swap 127.0.0.1 for the
         # machine's routable IP, which this loopback-only cluster does not listen on).
-        start = (f"exec {sys.executable} -m tests.cluster_fixtures {self.address} "
+        start = (f"exec {sys.executable} -m pipeline.local_cluster {self.address} "
                  f"{self.cpus_per_node}")
         command = ["sh", "-c", start]
         self.hides_path = False
