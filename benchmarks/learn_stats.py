@@ -3,6 +3,7 @@ images and seeds, the goals, the table and the plot."""
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -107,7 +108,6 @@ def bootstrap(outcomes: Outcomes, stat: Any, replicates: int = 1000,
     """(value, low, high): `stat(values, seeds, images)` on all data, and its 95% interval
     over replicates that resample seeds and test images together (paired: every measure
     of a replicate sees the same seeds and images)."""
-    import warnings
 
     warnings.filterwarnings("ignore", category=RuntimeWarning)  # all-NaN resamples: NaN
     rng = np.random.default_rng(seed)

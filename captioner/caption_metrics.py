@@ -28,6 +28,7 @@ text (their own tokenizers).
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import re
 import shutil
@@ -352,7 +353,6 @@ def _bertscore(
     if model_type is not None and Path(model_type).is_dir() and layers is None:
         # bert-score knows good layers only for the hub models it lists; a local folder of
         # another model gets its last layer, said in the report.
-        import json
 
         config = json.loads((Path(model_type) / "config.json").read_text())
         layers = int(config.get("num_hidden_layers", 0)) or None

@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
+import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -234,7 +235,6 @@ def pretrain_components(
     """Train the tiny vision tower on the world's labels and the tiny LM on caption text
     (`text`, default the training captions), and save both back into their folders.
     Returns the validation figures."""
-    import time
 
     t0 = time.perf_counter()
     vision_dir, text_dir = Path(vision_dir), Path(text_dir)

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch.utils.data import Dataset
+from tqdm.auto import tqdm
 
 from captioner.base import checkpoint_fingerprint
 from captioner.errors import CaptionerError
@@ -243,7 +244,6 @@ def own_captions(
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         model.to(device)  # the Trainer moves it there anyway; captioning on CPU would crawl
         captioner_ = MMSeRCaptioner("simple", model, processor, tokenizer, own_settings)
-        from tqdm.auto import tqdm
 
         with path.open("a") as fh, tqdm(total=len(todo), desc="own captions",
                                         disable=rank != 0) as bar:

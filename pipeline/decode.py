@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 import os
 import resource
+import socket
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator
@@ -107,7 +108,6 @@ class DecodeWorker:
 
 def _this_node() -> str:
     """'hostname (IP, node id)' of the Ray node this process runs on."""
-    import socket
 
     import ray
 

@@ -15,6 +15,7 @@ that shows the pipeline and the training working, not real-world caption quality
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -136,7 +137,6 @@ DEMO_TRAINING = {"images": 1500, "vision_steps": 800, "text_steps": 100, "align"
 def train_demo_captioner(root: str | Path, config_path: str | None = None) -> Path:
     """A tiny MM-SeR trained on the demo world through `mmser train`, under
     root/captioner; returns its checkpoint folder (reused when already trained)."""
-    import dataclasses
 
     from pipeline.config import load_config
     from pipeline.train import describe, run_training

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from tqdm import tqdm
+
 from pipeline.egoschema_tables import (
     _MAX_JSON_BYTES,
     _listing,
@@ -141,7 +143,6 @@ def _extract(
     plan: list[tuple[str, _Member]], videos_dir: Path, progress: bool, report: ImportReport
 ) -> None:
     """Stream each member into a temporary file, then rename it into place."""
-    from tqdm import tqdm
 
     total = sum(m.info.file_size for _, m in plan)
 
