@@ -32,7 +32,6 @@ from pathlib import Path
 from typing import Any
 
 import openai
-from openai import AsyncOpenAI
 
 from captioner.perturb import (
     Edit,
@@ -47,9 +46,10 @@ from captioner.perturb import (
 )
 from pipeline.errors import DatasetError
 from qa.answers import JsonlWriter, drop_torn_tail, read_jsonl
+from qa.errors import ReaderError
 from qa.prompts import fill
-from qa.reader import create_with_retries, make_client
-from qa.server import ManagedServer, server_url
+from qa.replicas import ReplicaPool
+from qa.server import ManagedReplicas, ManagedServer, server_urls
 from qa.settings import ReaderSettings
 
 # An edit is a phrase, not a clause; the bound also keeps a reply within llm_max_tokens.
@@ -289,12 +289,13 @@ def parse_reply(
 
 
 class LLMPerturber:
-    """Asks one OpenAI-compatible server for edits; the rules stand in for a rejected reply."""
+    """Asks the OpenAI-compatible server(s) for edits (several URLs: the reader's replica
+    pool); the rules stand in for a rejected reply."""
 
     def __init__(
         self,
         reader: ReaderSettings,
-        base_url: str,
+        base_url: str | Sequence[str],
         settings: PerturbSettings,
         perturber: RulePerturber,
         seed: int,
@@ -303,22 +304,22 @@ class LLMPerturber:
         self.settings = settings
         self.perturber = perturber
         self.seed = seed
-        self.base_url = base_url
+        self.base_urls = [base_url] if isinstance(base_url, str) else list(base_url)
         self.source = f"llm:{reader.model_name}"
-        self.client: AsyncOpenAI | None = None  # made inside the event loop that uses it
+        self.pool: ReplicaPool | None = None  # made inside the event loop that uses it
 
     async def __aenter__(self) -> LLMPerturber:
-        self.client = make_client(self.reader, self.base_url)
+        self.pool = ReplicaPool(self.reader, self.base_urls)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        if self.client is not None:
-            await self.client.close()
-            self.client = None
+        if self.pool is not None:
+            await self.pool.close()
+            self.pool = None
 
     async def _create(self, kwargs: dict[str, Any]) -> Any:
-        assert self.client is not None, "use LLMPerturber as `async with`"
-        return await create_with_retries(self.client, kwargs, self.reader)
+        assert self.pool is not None, "use LLMPerturber as `async with`"
+        return await self.pool.create(kwargs)
 
     async def record(self, item_id: str, caption: str) -> PerturbRecord:
         """The LLM's perturbation of one caption, or the rules' with the rejection reason."""
@@ -332,7 +333,7 @@ class LLMPerturber:
             edits, reason = parse_reply(
                 reply, choice.finish_reason, caption, self.settings, self.perturber.words
             )
-        except openai.APIError as exc:  # after the retries (or a 4xx): counted, not raised
+        except (openai.APIError, ReaderError) as exc:  # after the retries (or a 4xx): counted
             edits, reason = [], f"request failed: {type(exc).__name__}: {exc}"
         if reason is None:
             perturbed = apply_edits(caption, edits)
@@ -385,7 +386,7 @@ def perturb_captions(
     seed: int = 0,
     reader: ReaderSettings | None = None,
     progress: bool = True,
-    server: ManagedServer | None = None,
+    server: ManagedServer | ManagedReplicas | None = None,
     words: WordLists | None = None,
 ) -> PerturbReport:
     """Perturb every (sample id, caption) not yet in `out_jsonl`; append a line for each.
@@ -414,8 +415,8 @@ def perturb_captions(
         else:
             assert reader is not None
             _save_prompt(out_jsonl, settings)
-            with server_url(reader, server) as base_url:
-                llm = LLMPerturber(reader, base_url, settings, perturber, seed)
+            with server_urls(reader, server) as base_urls:
+                llm = LLMPerturber(reader, base_urls, settings, perturber, seed)
                 asyncio.run(_perturb_llm(llm, todo, writer, report, progress))
     return report
 

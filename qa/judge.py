@@ -29,9 +29,10 @@ from typing import Any
 
 import openai
 
+from qa.errors import ReaderError
 from qa.prompts import fill
-from qa.reader import create_with_retries, make_client
-from qa.server import ManagedServer, server_url
+from qa.replicas import ReplicaPool
+from qa.server import ManagedReplicas, ManagedServer, server_urls
 from qa.settings import JudgeSettings, ReaderSettings
 
 SYSTEM = "You grade image captions against reference captions. Reply with JSON only."
@@ -121,22 +122,20 @@ def judge_model_problem(reader: ReaderSettings) -> str | None:
 async def _judge_all(
     items: Sequence[tuple[str, str, Sequence[str]]],
     reader: ReaderSettings,
-    base_url: str,
+    base_urls: Sequence[str],
     settings: JudgeSettings,
     progress: bool,
 ) -> dict[str, Judgement]:
     from tqdm.auto import tqdm
 
     gate = asyncio.Semaphore(reader.concurrency)
-    client = make_client(reader, base_url)
+    pool = ReplicaPool(reader, base_urls)  # several reader URLs: the judge uses them all
 
     async def one(key: str, candidate: str, references: Sequence[str]) -> tuple[str, Judgement]:
         async with gate:
             try:
-                resp = await create_with_retries(
-                    client, judge_request(reader, settings, candidate, references), reader
-                )
-            except openai.APIError as exc:  # after the retries: this item's error, not the run's
+                resp = await pool.create(judge_request(reader, settings, candidate, references))
+            except (openai.APIError, ReaderError) as exc:  # after the retries: this item's
                 return key, Judgement(None, None, f"request failed: {type(exc).__name__}: {exc}")
             choice = resp.choices[0]
             return key, parse_judgement(choice.message.content or "", choice.finish_reason,
@@ -151,7 +150,7 @@ async def _judge_all(
                 out[key] = judgement
                 bar.update(1)
     finally:
-        await client.close()
+        await pool.close()
     return out
 
 
@@ -159,14 +158,14 @@ def judge_captions(
     items: Sequence[tuple[str, str, Sequence[str]]],
     reader: ReaderSettings,
     settings: JudgeSettings,
-    server: ManagedServer | None = None,
+    server: ManagedServer | ManagedReplicas | None = None,
     progress: bool = True,
 ) -> dict[str, Judgement]:
     """Judge (id, candidate, references) items on `server`, the external reader, or a
     managed server started for the call; {id: Judgement} for every item."""
     settings.validate()
-    with server_url(reader, server) as base_url:
-        return asyncio.run(_judge_all(items, reader, base_url, settings, progress))
+    with server_urls(reader, server) as base_urls:
+        return asyncio.run(_judge_all(items, reader, base_urls, settings, progress))
 
 
 def mean_score(judgements: dict[str, Judgement]) -> tuple[float | None, int]:

@@ -3,12 +3,15 @@
     from qa.reader import answer_questions
     records = answer_questions(settings, [(question, transcript), ...], Path("run/answers.jsonl"))
 
-`answer_questions` is the stage's one entry point. In managed mode it starts the vLLM server
-(`qa.server.ManagedServer`) for the duration of the call; in external mode it talks to
-`settings.url`. It resumes: q_uids already answered in `out_jsonl` are skipped (failed ones
-are asked again), and each record is appended as soon as it is ready. A failed request
-never raises: it is retried (connection errors, timeouts, 429 and 5xx; exponential backoff)
-and then recorded with its error.
+`answer_questions` is the stage's one entry point. In managed mode it starts the vLLM
+server(s) (`qa.server.ManagedReplicas`: `reader.replicas` of them) for the duration of the
+call; in external mode it talks to `settings.url`, one URL or a list. Requests go through
+`qa.replicas.ReplicaPool` (least in flight, dead replicas taken out and their requests
+moved; a question's record is written once, by the task that asked it). It resumes: q_uids
+already answered in `out_jsonl` are skipped (failed ones are asked again), and each record
+is appended as soon as it is ready. A failed request never raises: it is moved or retried
+(connection errors, timeouts, 429 and 5xx; exponential backoff) and then recorded with its
+error.
 
 Letter answers use vLLM structured outputs (`choice` A-E) with logprobs: the letter plus a
 probability per option. Free-text replies (`structured_choice: false` for servers without
@@ -29,52 +32,20 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import openai
-from openai import AsyncOpenAI
 
 from qa.answers import AnswerRecord, AnswerWriter, read_answers
 from qa.errors import ReaderError
 from qa.prompts import PromptTemplate, Stage, fill, get_template, prompt_fields
 from qa.records import OPTION_LETTERS, Question, Transcript
-from qa.server import ManagedServer
+from qa.replicas import ReplicaPool
+from qa.server import ManagedReplicas, ManagedServer, server_urls
 from qa.settings import ReaderSettings
 from qa.transcript import fit_transcript, render_lines
 
 _CHOICE_MAX_TOKENS = 4  # one letter (+ end of sequence) under the choice constraint
 _TOP_LOGPROBS = 10
-# Retried request errors and the longest backoff.
-MAX_BACKOFF_S = 30.0
-RETRYABLE = (openai.APIConnectionError, openai.RateLimitError, openai.InternalServerError)
-
-
-def make_client(settings: ReaderSettings, base_url: str) -> AsyncOpenAI:
-    """An async client whose retries are ours (bounded, with our backoff), not the SDK's.
-    Make it inside the event loop that uses it."""
-    return AsyncOpenAI(
-        base_url=base_url,
-        api_key=settings.api_key or "EMPTY",
-        max_retries=0,
-        timeout=settings.request_timeout_s,
-    )
-
-
-async def create_with_retries(
-    client: AsyncOpenAI, kwargs: dict[str, Any], settings: ReaderSettings
-) -> Any:
-    """One chat request, retried on connection errors, 429 and 5xx with the reader's
-    doubling backoff (`max_retries`, `retry_backoff_s`); other errors are raised."""
-    attempt = 0
-    while True:
-        attempt += 1
-        try:
-            return await client.chat.completions.create(**kwargs)
-        except RETRYABLE:
-            if attempt > settings.max_retries:
-                raise
-            backoff = settings.retry_backoff_s * 2 ** (attempt - 1)
-            await asyncio.sleep(min(backoff, MAX_BACKOFF_S))
 
 
 @dataclass
@@ -118,12 +89,13 @@ def option_probabilities(logprobs: object) -> list[float] | None:
 
 
 class Reader:
-    """Sends prompts to one OpenAI-compatible server at `base_url`."""
+    """Sends prompts to the OpenAI-compatible server(s) at `base_url` (one URL or a list:
+    a replica pool). Make it inside the event loop that uses it."""
 
     def __init__(
         self,
         settings: ReaderSettings,
-        base_url: str,
+        base_url: str | Sequence[str],
         count_tokens: Callable[[str], int] | None = None,
         counter_kind: str = "tokenizer",
     ) -> None:
@@ -134,13 +106,18 @@ class Reader:
             count_tokens, counter_kind = make_token_counter(settings)
         self.count_tokens = count_tokens
         self.counter_kind = counter_kind
-        self.in_flight = 0  # requests sent and not yet answered
         self.max_in_flight = 0  # the most ever in flight at once (reported by benchmarks)
-        # Retries are ours (bounded, with our backoff, counted per record), not the SDK's.
-        self.client = make_client(settings, base_url)
+        # Retries and fail-over are the pool's (bounded, counted per record), not the SDK's.
+        urls = [base_url] if isinstance(base_url, str) else list(base_url)
+        self.pool = ReplicaPool(settings, urls)
+
+    @property
+    def in_flight(self) -> int:
+        """Requests sent and not yet answered, over all replicas."""
+        return self.pool.in_flight
 
     async def close(self) -> None:
-        await self.client.close()
+        await self.pool.close()
 
     # --- one request, retried --------------------------------------------------------
     def stage_mode(self, index: int) -> str:
@@ -164,7 +141,8 @@ class Reader:
 
     async def _send(self, messages: list[dict[str, str]], index: int,
                     record: AnswerRecord) -> _Reply:
-        """One chat request for stage `index`, retried (each try counted in `record.attempts`)."""
+        """One chat request for stage `index` through the pool (each try counted in
+        `record.attempts`); raises the pool's error when it gives up."""
         s = self.settings
         kwargs: dict[str, object] = {"model": s.model_name, "messages": messages}
         mode = self.stage_mode(index)
@@ -181,33 +159,21 @@ class Reader:
         else:
             temperature, max_tokens = self.sampling(self.template.stages[index])
             kwargs.update(max_tokens=max_tokens, temperature=temperature)
-        attempt = 0
-        while True:
-            attempt += 1
+
+        def sent() -> None:  # each try counts in the record, on whichever replica
             record.attempts += 1
-            self.in_flight += 1
-            self.max_in_flight = max(self.max_in_flight, self.in_flight)
-            error: Exception | None = None
-            try:
-                resp = await self.client.chat.completions.create(**kwargs)  # type: ignore[arg-type]
-            except RETRYABLE as exc:
-                error = exc
-            finally:
-                self.in_flight -= 1
-            if error is not None:
-                if attempt > s.max_retries:
-                    raise error
-                await asyncio.sleep(min(s.retry_backoff_s * 2 ** (attempt - 1), MAX_BACKOFF_S))
-                continue
-            choice = resp.choices[0]
-            usage = resp.usage
-            return _Reply(
-                text=choice.message.content or "",
-                option_probs=option_probabilities(choice.logprobs) if mode == "choice" else None,
-                prompt_tokens=usage.prompt_tokens if usage else 0,
-                completion_tokens=usage.completion_tokens if usage else 0,
-                finish_reason=choice.finish_reason,
-            )
+            self.max_in_flight = max(self.max_in_flight, self.pool.in_flight + 1)
+
+        resp = await self.pool.create(kwargs, on_send=sent)
+        choice = resp.choices[0]
+        usage = resp.usage
+        return _Reply(
+            text=choice.message.content or "",
+            option_probs=option_probabilities(choice.logprobs) if mode == "choice" else None,
+            prompt_tokens=usage.prompt_tokens if usage else 0,
+            completion_tokens=usage.completion_tokens if usage else 0,
+            finish_reason=choice.finish_reason,
+        )
 
     # --- one question ------------------------------------------------------------------
     def _generated(self, index: int) -> int:
@@ -429,14 +395,15 @@ def answer_questions(
     items: Sequence[tuple[Question, Transcript]],
     out_jsonl: Path,
     progress: bool = True,
-    server: ManagedServer | None = None,
+    server: ManagedServer | ManagedReplicas | None = None,
 ) -> list[AnswerRecord]:
     """Answer every (question, transcript) pair; return one record per question, input order.
 
     Resumes from `out_jsonl`: finished q_uids are read back, not asked again (failed ones
-    are). New records are appended as they finish. Managed mode starts the vLLM server for
-    the call unless a running `server` is passed (tests and benchmarks share one); external
-    mode uses `settings.url`. The template used is saved to `<out_jsonl stem>.template.json`.
+    are). New records are appended as they finish. Managed mode starts `reader.replicas` vLLM
+    servers for the call unless running ones are passed as `server` (tests and benchmarks
+    share them); external mode uses `settings.url` (one URL or a list). The template used
+    is saved to `<out_jsonl stem>.template.json`.
     Raises ReaderError only when the server cannot be started; a failed request is a record.
     """
     import json
@@ -456,12 +423,8 @@ def answer_questions(
     )
     fresh: list[AnswerRecord] = []
     if todo:
-        if settings.mode == "external" or server is not None:
-            base_url = server.base_url if server is not None else settings.base_url
-            fresh = _run(settings, base_url, todo, out_jsonl, progress)
-        else:
-            with ManagedServer(settings) as managed:
-                fresh = _run(settings, managed.base_url, todo, out_jsonl, progress)
+        with server_urls(settings, server) as urls:
+            fresh = _run(settings, urls, todo, out_jsonl, progress)
     by_id = {r.q_uid: r for r in previous.values()}
     by_id.update((r.q_uid, r) for r in fresh)
     return [by_id[q.q_uid] for q, _ in items]
@@ -469,7 +432,7 @@ def answer_questions(
 
 def _run(
     settings: ReaderSettings,
-    base_url: str,
+    base_url: str | Sequence[str],
     items: Sequence[tuple[Question, Transcript]],
     out_jsonl: Path,
     progress: bool,

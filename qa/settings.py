@@ -1,7 +1,8 @@
 """Settings of the reader stage (the `reader:` section of config.yaml).
 
-`mode: managed` starts a vLLM OpenAI-compatible server (`qa.server.ManagedServer`) on
-127.0.0.1; `mode: external` talks to `url`, any OpenAI-compatible server.
+`mode: managed` starts `replicas` vLLM OpenAI-compatible servers (`qa.server.ManagedServer`)
+on 127.0.0.1, ports `port`, `port + 1`, ...; `mode: external` talks to `url`, one or a list of
+OpenAI-compatible servers. Several servers form one replica pool (qa.replicas).
 """
 
 from __future__ import annotations
@@ -34,12 +35,19 @@ class ReaderSettings:
     model: str = "Qwen/Qwen2.5-14B-Instruct"
     # The model name the server exposes and requests use (null: `model`).
     served_name: str | None = None
-    # External mode: the server's base URL, e.g. http://host:8000/v1.
-    url: str | None = None
+    # External mode: the server's base URL, e.g. http://host:8000/v1, or a list of them
+    # (replicas: each request goes to the one with the fewest in flight; qa.replicas).
+    url: str | list[str] | None = None
     # Bearer token; managed mode also passes it to the server's --api-key.
     api_key: str | None = None
-    # Managed mode: the port on 127.0.0.1.
+    # Managed mode: the port on 127.0.0.1 (replica i listens on port + i).
     port: int = 8000
+    # Managed mode: how many servers to start, each a whole copy of the model (on a GPU
+    # box, give each its own GPUs, e.g. through `env`; docs/READER_REPLICAS.md).
+    replicas: int = 1
+    # A replica taken out (dead, 5xx with a failing health check) is re-checked on its
+    # health endpoint this often, and put back when it answers 200.
+    replica_recheck_s: float = 5.0
     # Managed mode: vLLM engine arguments.
     tensor_parallel_size: int = 1
     # null: the model's own maximum. Also the context budget of the prompt (see below).
@@ -91,9 +99,9 @@ class ReaderSettings:
 
     def validate(self) -> None:
         """Raise ValueError naming the key when a value is out of range."""
-        if self.mode == "external" and not self.url:
-            raise ValueError("reader.url is required when reader.mode is 'external'")
-        for name in ("port", "tensor_parallel_size", "concurrency", "summary_words"):
+        self._validate_urls()
+        for name in ("port", "tensor_parallel_size", "concurrency", "summary_words",
+                     "replicas"):
             if getattr(self, name) < 1:
                 raise ValueError(f"reader.{name} must be >= 1, got {getattr(self, name)}")
         if self.max_model_len is not None and self.max_model_len < 256:
@@ -111,7 +119,7 @@ class ReaderSettings:
         if self.llovi.summary_words < 1 or self.llovi.summary_max_tokens < 16:
             raise ValueError("reader.llovi.summary_words must be >= 1 and "
                              "reader.llovi.summary_max_tokens >= 16")
-        for name in ("health_timeout_s", "request_timeout_s"):
+        for name in ("health_timeout_s", "request_timeout_s", "replica_recheck_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"reader.{name} must be > 0, got {getattr(self, name)}")
         from qa.prompts import TEMPLATES  # light; imported here to keep settings a leaf
@@ -132,6 +140,24 @@ class ReaderSettings:
         if self.max_retries < 0 or self.retry_backoff_s < 0:
             raise ValueError("reader.max_retries and reader.retry_backoff_s must be >= 0")
 
+    def _validate_urls(self) -> None:
+        urls = [self.url] if isinstance(self.url, str) else list(self.url or [])
+        if self.mode == "external":
+            if not urls or not all(u.strip() for u in urls):
+                raise ValueError("reader.url is required when reader.mode is 'external': "
+                                 "a base URL or a list of them")
+            bases = self.base_urls
+            repeated = sorted({u for u in bases if bases.count(u) > 1})
+            if repeated:
+                raise ValueError(f"reader.url lists {', '.join(repeated)} more than once")
+            if self.replicas != 1:
+                raise ValueError(
+                    f"reader.replicas {self.replicas} starts managed servers; in external "
+                    "mode list the replicas' URLs in reader.url (and set reader.replicas: 1)")
+        if self.port + self.replicas - 1 > 65535:
+            raise ValueError(f"reader.port {self.port} + reader.replicas {self.replicas} "
+                             "runs past port 65535")
+
     def asks_choice_last(self, template: object) -> bool:
         """Whether `template`'s last stage is asked as the constrained A-E choice."""
         if not self.structured_choice:
@@ -147,13 +173,17 @@ class ReaderSettings:
         return self.served_name or self.model
 
     @property
-    def base_url(self) -> str:
-        """The OpenAI base URL (`.../v1`) the client talks to."""
+    def base_urls(self) -> list[str]:
+        """The OpenAI base URLs (`.../v1`) of every replica, in order."""
         if self.mode == "external":
-            assert self.url is not None
-            url = self.url.rstrip("/")
-            return url if url.endswith("/v1") else url + "/v1"
-        return f"http://{HOST}:{self.port}/v1"
+            urls = [self.url] if isinstance(self.url, str) else list(self.url or [])
+            return [u if u.endswith("/v1") else u + "/v1" for u in (u.rstrip("/") for u in urls)]
+        return [f"http://{HOST}:{self.port + i}/v1" for i in range(self.replicas)]
+
+    @property
+    def base_url(self) -> str:
+        """The first replica's OpenAI base URL (the only one with one replica)."""
+        return self.base_urls[0]
 
 
 @dataclass

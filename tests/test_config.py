@@ -120,3 +120,32 @@ def test_partial_config_takes_defaults_for_the_rest():
     assert config.sampling.fps == 2.0
     assert config.sampling.policy == "fps"
     assert config.ray.decode_workers == 2
+
+
+def test_reader_url_is_one_url_or_a_list_of_replicas():
+    one = load_config(overrides=["reader.mode=external", "reader.url=http://h:8000"]).reader
+    assert one.base_urls == ["http://h:8000/v1"] and one.base_url == "http://h:8000/v1"
+    many = load_config(overrides=["reader.mode=external",
+                                  "reader.url=[http://a:8000/v1/, http://b:9000]"]).reader
+    assert many.base_urls == ["http://a:8000/v1", "http://b:9000/v1"]
+    managed = load_config(overrides=["reader.replicas=3", "reader.port=8100"]).reader
+    assert managed.base_urls == [f"http://127.0.0.1:{p}/v1" for p in (8100, 8101, 8102)]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "pattern"),
+    [
+        (["reader.mode=external", "reader.url=[]"], r"reader.url is required.*a list"),
+        (["reader.mode=external", "reader.url=[http://a:1, http://a:1/v1]"],
+         r"reader.url lists http://a:1/v1 more than once"),
+        (["reader.mode=external", "reader.url=[1, 2]"], r"'reader.url'.*a list of str"),
+        (["reader.mode=external", "reader.url=http://a:1", "reader.replicas=2"],
+         r"reader.replicas 2 starts managed servers; in external mode list"),
+        (["reader.replicas=0"], r"reader.replicas must be >= 1"),
+        (["reader.port=65535", "reader.replicas=2"], r"runs past port 65535"),
+        (["reader.replica_recheck_s=0"], r"reader.replica_recheck_s must be > 0"),
+    ],
+)
+def test_bad_reader_replica_settings_are_named(overrides, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        load_config(overrides=overrides)
