@@ -115,7 +115,7 @@ class ReplicaPool:
         if not self.urls:
             raise ReaderError("reader: no replica URLs given")
         self.replicas = [Replica(u, make_client(self.settings, u)) for u in self.urls]
-        self._t0 = time.monotonic()
+        self.started = time.monotonic()  # events' `t` counts from here
         self._http: httpx.AsyncClient | None = None
         self._checks: set[asyncio.Task[None]] = set()
 
@@ -123,6 +123,10 @@ class ReplicaPool:
     @property
     def in_flight(self) -> int:
         return sum(r.in_flight for r in self.replicas)
+
+    def elapsed(self) -> float:
+        """Seconds since the pool was made (the clock of `events`)."""
+        return time.monotonic() - self.started
 
     def stats(self) -> list[dict[str, Any]]:
         return [r.stats() for r in self.replicas]
@@ -152,7 +156,7 @@ class ReplicaPool:
         self._event(replica, "out", reason)
 
     def _event(self, replica: Replica, event: str, reason: str = "") -> None:
-        t = round(time.monotonic() - self._t0, 3)
+        t = round(self.elapsed(), 3)
         self.events.append(PoolEvent(t, replica.url, event, reason))
 
     def down_message(self) -> str:
@@ -238,7 +242,7 @@ class ReplicaPool:
         replica.max_in_flight = max(replica.max_in_flight, replica.in_flight)
         try:
             resp = await replica.client.chat.completions.create(**kwargs)
-        except BaseException:
+        except Exception:  # not a cancellation: the run ending is not the replica failing
             replica.failed += 1
             raise
         finally:

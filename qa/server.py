@@ -328,7 +328,7 @@ def serve_forever(settings: ReaderSettings) -> None:
               f"{server.settings.port}; log: {server.log_path}")
     try:
         with replicas:
-            print(f"reader ready at {', '.join(replicas.base_urls)} (Ctrl-C stops it)",
+            print(f"reader server ready at {', '.join(replicas.base_urls)} (Ctrl-C stops it)",
                   flush=True)
             while all(s.process is not None and s.process.poll() is None
                       for s in replicas.servers):

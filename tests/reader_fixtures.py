@@ -21,6 +21,27 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def free_ports(n: int) -> int:
+    """A port p with p .. p+n-1 all free now (managed replica i listens on port + i)."""
+    for _ in range(100):
+        base = free_port()
+        if base + n - 1 > 65535:
+            continue
+        socks = []
+        try:
+            for port in range(base + 1, base + n):
+                sock = socket.socket()
+                socks.append(sock)
+                sock.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        finally:
+            for sock in socks:
+                sock.close()
+        return base
+    raise RuntimeError(f"no run of {n} free ports found")
+
+
 def tiny_settings(model_dir: Path, **overrides: object) -> ReaderSettings:
     """Managed-mode settings serving the tiny model on vLLM CPU (docs/ARCHITECTURE.md's flags)."""
     values: dict[str, object] = {

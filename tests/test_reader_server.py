@@ -155,8 +155,9 @@ class _Spy:
 
     def __init__(self, reader: Reader) -> None:
         self.sent: list[dict] = []
-        self._create = reader.client.chat.completions.create
-        reader.client.chat.completions.create = self  # type: ignore[method-assign]
+        (replica,) = reader.pool.replicas  # one server: requests follow each other here
+        self._create = replica.client.chat.completions.create
+        replica.client.chat.completions.create = self  # type: ignore[method-assign]
 
     async def __call__(self, **kwargs: object) -> object:
         self.sent.append(kwargs)
@@ -300,10 +301,14 @@ def test_server_killed_mid_run_records_failures(tiny_model: Path, tmp_path: Path
     ok = [r for r in records if r.error is None]
     failed = [r for r in records if r.error is not None]
     assert len(ok) >= 3 and failed, (len(ok), len(failed))
-    for r in failed:
-        assert "APIConnectionError" in r.error and r.prediction is None
-        assert r.attempts == settings.max_retries + 1
-    assert elapsed < 60  # backoff is bounded: 0.2 + 0.4 s per failed request
+    for r in failed:  # the only replica is out: the reason names it and why
+        assert r.error.startswith("ReplicasDownError: all 1 reader replicas are down: "
+                                  f"{server.base_url} (APIConnectionError"), r.error
+        assert r.prediction is None
+        # In flight at the kill: sent once; later: never sent (the replica was already out
+        # and its health checks failed through the bounded backoff rounds).
+        assert r.attempts <= 1
+    assert elapsed < 60  # backoff is bounded: 0.2 + 0.4 s per failed question
     assert len(read_answers(out)) == 20
     # Leaving the `with` killed the group: the orphaned engine processes are gone too.
     assert server.alive_pids() == [] and not _group_alive(leader)
