@@ -248,7 +248,8 @@ class ManagedServer:
 
 
 class ManagedReplicas:
-    """`settings.replicas` managed servers, replica i on port `settings.port + i`.
+    """`settings.replicas` managed servers, replica i on port `settings.port + i` with
+    `settings.env` plus `settings.replica_env[i]`.
 
     They start side by side and stop together; if one fails to start, the others are
     stopped and its error is raised. Logs go to
@@ -257,9 +258,11 @@ class ManagedReplicas:
 
     def __init__(self, settings: ReaderSettings, log_dir: Path | None = None) -> None:
         self.settings = settings
+        extra = settings.replica_env or [{} for _ in range(settings.replicas)]
         self.servers = [
             ManagedServer(
-                dataclasses.replace(settings, port=settings.port + i),
+                dataclasses.replace(settings, port=settings.port + i,
+                                    env={**settings.env, **extra[i]}),
                 log_path=None if log_dir is None else Path(log_dir) / f"replica-{i}.log",
             )
             for i in range(settings.replicas)

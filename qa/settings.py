@@ -45,6 +45,12 @@ class ReaderSettings:
     # Managed mode: how many servers to start, each a whole copy of the model (on a GPU
     # box, give each its own GPUs, e.g. through `env`; docs/READER_REPLICAS.md).
     replicas: int = 1
+    # Managed mode: extra environment per replica, one mapping each (or none), on top of
+    # `env`: e.g. [{CUDA_VISIBLE_DEVICES: "0"}, {CUDA_VISIBLE_DEVICES: "1"}] gives each its
+    # own GPU (vLLM takes gpu_memory_utilization of every GPU it sees); on CPU,
+    # VLLM_CPU_OMP_THREADS_BIND per replica (vLLM's auto binding puts every server's engine
+    # on the same core: seen here with 2 replicas on 2 cores).
+    replica_env: list[dict[str, str]] = field(default_factory=list)
     # A replica taken out (dead, 5xx with a failing health check) is re-checked on its
     # health endpoint this often, and put back when it answers 200.
     replica_recheck_s: float = 5.0
@@ -154,6 +160,9 @@ class ReaderSettings:
                 raise ValueError(
                     f"reader.replicas {self.replicas} starts managed servers; in external "
                     "mode list the replicas' URLs in reader.url (and set reader.replicas: 1)")
+        if self.replica_env and len(self.replica_env) != self.replicas:
+            raise ValueError(f"reader.replica_env has {len(self.replica_env)} entries for "
+                             f"reader.replicas {self.replicas}: give one per replica, or none")
         if self.port + self.replicas - 1 > 65535:
             raise ValueError(f"reader.port {self.port} + reader.replicas {self.replicas} "
                              "runs past port 65535")

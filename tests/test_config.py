@@ -132,6 +132,20 @@ def test_reader_url_is_one_url_or_a_list_of_replicas():
     assert managed.base_urls == [f"http://127.0.0.1:{p}/v1" for p in (8100, 8101, 8102)]
 
 
+def test_managed_replicas_get_their_own_port_and_env():
+    from qa.server import ManagedReplicas, server_command
+
+    reader = load_config(overrides=[
+        "reader.replicas=2", "reader.port=8100", "reader.env={VLLM_CPU_KVCACHE_SPACE: '1'}",
+        "reader.replica_env=[{CUDA_VISIBLE_DEVICES: '0'}, {CUDA_VISIBLE_DEVICES: '1'}]"]).reader
+    servers = ManagedReplicas(reader).servers
+    assert [s.base_url for s in servers] == reader.base_urls
+    assert [s.settings.env for s in servers] == [
+        {"VLLM_CPU_KVCACHE_SPACE": "1", "CUDA_VISIBLE_DEVICES": str(i)} for i in (0, 1)]
+    assert server_command(servers[1].settings)[server_command(servers[1].settings).index(
+        "--port") + 1] == "8101"
+
+
 @pytest.mark.parametrize(
     ("overrides", "pattern"),
     [
@@ -144,6 +158,8 @@ def test_reader_url_is_one_url_or_a_list_of_replicas():
         (["reader.replicas=0"], r"reader.replicas must be >= 1"),
         (["reader.port=65535", "reader.replicas=2"], r"runs past port 65535"),
         (["reader.replica_recheck_s=0"], r"reader.replica_recheck_s must be > 0"),
+        (["reader.replicas=2", "reader.replica_env=[{A: '1'}]"],
+         r"reader.replica_env has 1 entries for reader.replicas 2"),
     ],
 )
 def test_bad_reader_replica_settings_are_named(overrides, pattern):
