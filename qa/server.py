@@ -302,12 +302,17 @@ def server_urls(
 ) -> Iterator[list[str]]:
     """The base URLs to send to: `server`'s, the external `reader.url` (one or a list), or
     `reader.replicas` managed servers started for the block."""
-    if isinstance(server, ManagedServer):
-        yield [server.base_url]
-    elif server is not None:
+    if isinstance(server, ManagedReplicas):
         yield server.base_urls
+    elif server is not None:
+        yield [server.base_url]
     elif reader.mode == "external":
         yield reader.base_urls
+    elif reader.replicas == 1:  # one server, started exactly as before replicas existed
+        if reader.replica_env:
+            reader = dataclasses.replace(reader, env={**reader.env, **reader.replica_env[0]})
+        with ManagedServer(reader) as one:
+            yield [one.base_url]
     else:
         with ManagedReplicas(reader) as managed:
             yield managed.base_urls
