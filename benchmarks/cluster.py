@@ -12,7 +12,9 @@ The batch size is one video's frame count, so both layouts batch alike and the c
 must be identical (`captions_identical`). `nodes_used` counts the nodes that ran decode
 workers and caption actors. On one machine both nodes share its cores: the two-node
 wall-clock shows the cost of the layout, not a speed-up. Written to
-benchmarks/results/cluster.json; the table last.
+benchmarks/results/cluster.json; the table last. Then `--questions` questions are answered by
+2 tiny reader replicas (vLLM CPU servers) with one killed mid-run (benchmarks/replicas.py):
+`questions`, `answered`, `answered_twice`, `replica_killed`.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from typing import Any
 import torch
 
 from benchmarks.machine import machine
+from benchmarks.replicas import replica_fault_run
 from captioner.random_weights import build_tiny_checkpoint
 from pipeline.captioning import caption_videos_cached
 from pipeline.config import Config, load_config
@@ -65,12 +68,17 @@ def run_layout(videos: list[VideoItem], config: Config) -> dict[str, Any]:
     }
 
 
+REPLICA_KEYS = ("questions", "answered", "answered_twice", "replica_killed")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--videos", type=int, default=8)
     parser.add_argument("--seconds", type=int, default=8, help="length of each video (1 fps)")
     parser.add_argument("--cpus-per-node", type=int, default=2)
     parser.add_argument("--new-tokens", type=int, default=12, help="fixed caption length")
+    parser.add_argument("--questions", type=int, default=40,
+                        help="questions for the 2 reader replicas, one killed (0: skip)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
 
@@ -97,17 +105,17 @@ def main() -> None:
         try:
             init_ray(config("two", cluster.address).ray)
             two = run_layout(videos, config("two", cluster.address))
-            # --- reader replicas (benchmarks/replicas.py) ----------------------------------
-            # The reader-replica fault run goes here, on this same cluster, as one call whose
-            # dict (questions, answered, answered_twice, replica_killed) is merged into
-            # `replicas` below.
-            replicas: dict[str, Any] = {}
         finally:
             shutdown_ray()
             cluster.stop()
     finally:
         shutdown_ray()
         shutil.rmtree(work, ignore_errors=True)
+    # Reader replicas after the cluster is down: two tiny vLLM CPU servers take both cores.
+    replicas: dict[str, Any] = {}
+    if args.questions:
+        print(f"reader replicas: {args.questions} questions, 2 replicas, one killed", flush=True)
+        replicas = replica_fault_run(questions=args.questions, progress=True)
 
     result = {
         "machine": machine(torch.device("cpu")),
@@ -117,7 +125,9 @@ def main() -> None:
         "captions_identical": bool(one["captions"]) and one["captions"] == two["captions"],
         "wall_s": {"one_node": one["wall_s"], "two_nodes": two["wall_s"]},
         "failures": {"one_node": one["failures"], "two_nodes": two["failures"]},
-        **replicas,
+        # The issue's figures at the top; everything the replica run measured beside them.
+        **{key: replicas[key] for key in REPLICA_KEYS if key in replicas},
+        "reader_replicas": replicas,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
@@ -127,6 +137,10 @@ def main() -> None:
         print(f"{name:<10} {layout['nodes_used']:>5} {len(layout['captions']):>6} "
               f"{len(layout['failures']):>6} {layout['wall_s']:>7.1f}")
     print(f"captions identical: {result['captions_identical']}")
+    if replicas:
+        print(f"reader replicas: questions {replicas['questions']}, answered "
+              f"{replicas['answered']}, answered_twice {replicas['answered_twice']}, "
+              f"replica_killed {replicas['replica_killed']}, failed {replicas['failed']}")
 
 
 if __name__ == "__main__":

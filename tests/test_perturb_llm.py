@@ -143,7 +143,7 @@ def test_managed_mode_starts_a_server_for_the_call(
         started.append(settings)  # stands in for a second 40-s start-up: the module's one
         yield server
 
-    # The managed server is started by qa.server.server_url, shared with the judge.
+    # The managed server is started by qa.server.server_urls, shared with the judge.
     monkeypatch.setattr(server_module, "ManagedServer", managed)
     out = tmp_path / "p.jsonl"
     report = perturb_captions(ITEMS[:3], out, SETTINGS, reader=server.settings, progress=False)
