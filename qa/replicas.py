@@ -25,7 +25,7 @@ which writes one record (qa.reader). A reply lost with its connection is not an 
 
 Hand-written: openai's and httpx's retries are per client (one URL), and a least-in-flight
 balancer with take-out and health re-checks over AsyncOpenAI clients is not in either
-library (a separate load balancer process does it too; docs/READER_REPLICAS.md).
+library (a separate load balancer process does it too; docs/CLUSTER.md).
 """
 
 from __future__ import annotations

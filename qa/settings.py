@@ -43,7 +43,7 @@ class ReaderSettings:
     # Managed mode: the port on 127.0.0.1 (replica i listens on port + i).
     port: int = 8000
     # Managed mode: how many servers to start, each a whole copy of the model (on a GPU
-    # box, give each its own GPUs, e.g. through `env`; docs/READER_REPLICAS.md).
+    # box, give each its own GPUs, e.g. through `env`; docs/CLUSTER.md).
     replicas: int = 1
     # Managed mode: extra environment per replica, one mapping each (or none), on top of
     # `env`: e.g. [{CUDA_VISIBLE_DEVICES: "0"}, {CUDA_VISIBLE_DEVICES: "1"}] gives each its
