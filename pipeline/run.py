@@ -28,6 +28,7 @@ from pipeline.config import Config
 from pipeline.datasets import Dataset, load_dataset
 from pipeline.errors import PipelineError
 from pipeline.report import build_metrics, render_report
+from pipeline.report_html import write_html_report
 
 log = logging.getLogger(__name__)
 
@@ -184,6 +185,7 @@ def run_videoqa(
                              "total": time.perf_counter() - t0})
     (folder / "metrics.json").write_text(json.dumps(metrics, indent=2))
     (folder / "report.md").write_text(render_report(metrics))
+    write_html_report(folder, config, dataset, captions.transcripts, answers)
     print(render_report(metrics))
     return folder
 
