@@ -17,7 +17,6 @@ from pipeline.datasets import Dataset
 log = logging.getLogger(__name__)
 
 
-
 def _hardware() -> dict[str, Any]:
     import os
 
@@ -49,8 +48,8 @@ def build_metrics(dataset: Dataset, captions: CaptionOutcome, answers: list, cap
         "seconds_per_egoschema_video": round(180 * per_frame, 2) if per_frame else None,
         "projected_egoschema_500_minutes": round(500 * 180 * per_frame / 60, 1)
         if per_frame else None,
-        "parameters": _run_parameters(config, captioner),
     }
+    timing["parameters"], timing["parameters_source"] = _run_parameters(config, captioner)
     return {
         "dataset": dataset.name,
         "captioner": captioner,
@@ -77,10 +76,10 @@ def build_metrics(dataset: Dataset, captions: CaptionOutcome, answers: list, cap
     }
 
 
-def _run_parameters(config: Config, captioner: str) -> int | None:
-    """Parameters of the captioner this run used: counted from a local checkpoint's
-    safetensors headers (no weights read; the demo's tiny model reports its own size),
-    else the real architecture's count."""
+def _run_parameters(config: Config, captioner: str) -> tuple[int | None, str]:
+    """(parameters of the captioner this run loaded, where the count comes from): a local
+    checkpoint's safetensors headers (no weights read; the demo's tiny model reports its
+    own size), else the real architecture's count (what a hub id loads)."""
     from safetensors import safe_open
 
     from captioner.base import parameter_counts
@@ -93,12 +92,12 @@ def _run_parameters(config: Config, captioner: str) -> int | None:
             with safe_open(str(file), framework="np") as handle:
                 for name in handle.keys():
                     total += int(np.prod(handle.get_slice(name).get_shape()))
-        return total
+        return total, f"safetensors headers of {checkpoint}"
     try:
         counts = parameter_counts(config.captioner, captioner)
     except Exception:  # a count is a nicety: the report stands without it
-        return None
-    return counts.get("total", sum(counts.values()))
+        return None, "unavailable"
+    return counts.get("total", sum(counts.values())), "the real-size architecture"
 
 
 def render_report(metrics: dict[str, Any]) -> str:

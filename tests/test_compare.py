@@ -40,3 +40,15 @@ def test_unfinished_and_mixed_runs_are_refused(tmp_path: Path):
     b = _run(tmp_path / "b", "demo", "simple", 10.0, 0.2)
     with pytest.raises(PipelineError, match="different datasets"):
         load_runs([a, b])
+
+
+def test_the_runs_recorded_checkpoint_count_beats_the_real_size(tmp_path: Path):
+    """A run of a 1.7M tiny checkpoint shows 1.7M, not the real architecture's 482M."""
+    tiny = _run(tmp_path / "t", "ego", "mmser", 10.0, 0.2)
+    metrics = json.loads((tiny / "metrics.json").read_text())
+    metrics["captioner_timing"] = {"parameters": 1_712_345}
+    (tiny / "metrics.json").write_text(json.dumps(metrics))
+    older = _run(tmp_path / "o", "ego", "simple", 20.0, 0.2)  # records no count
+    table = compare_table(load_runs([tiny, older]), {"mmser": 482_000_000, "simple": 430_124_544})
+    assert "| mmser | 1.7M |" in table and "482M" not in table
+    assert "| simple | 430M |" in table
