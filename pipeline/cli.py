@@ -6,6 +6,7 @@
     mmser cache build PATH... | ls | export OUT.parquet | gc
     mmser captioners                    registered captioners, real-size parameter counts
     mmser compare RUN_DIR...            one table from several runs, like the paper's
+    mmser report RUN_DIR                rebuild a run's HTML report (frames, captions, answers)
     mmser serve-reader                  start the reader's vLLM server by hand
     mmser train --stage align|caption|refine    train MM-SeR (train: section of the config)
     mmser perturb OUT.jsonl             pseudo-initial captions of train.data.train (rules or LLM)
@@ -153,22 +154,17 @@ def cmd_captioners(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from captioner.base import parameter_counts
-    from pipeline.compare import compare_table, load_runs
+    from pipeline.compare import compare_runs
 
-    config = _config(args)
-    runs = load_runs(args.runs)
-    params = {}
-    for name in {m["captioner"] for m in runs}:
-        try:
-            counts = parameter_counts(config.captioner, name)
-            params[name] = counts.get("total", sum(counts.values()))
-        except Exception:  # a count is a nicety; the table stands without it
-            pass
-    table = compare_table(runs, params)
-    print(table)
-    if args.out:
-        Path(args.out).write_text(table)
+    print(compare_runs(_config(args), args.runs, args.out))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from pipeline.report_html import rebuild_report
+
+    for path in rebuild_report(_config(args), args.run):
+        print(path)
     return 0
 
 
@@ -391,6 +387,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("runs", nargs="+", help="run folders (runs/<dataset>-<captioner>-<time>)")
     p.add_argument("--out", default=None, help="also write the Markdown table here")
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("report", help="(re)build a run folder's HTML report (report.html)")
+    _add_common(p)
+    p.add_argument("run", help="a videoqa, eval-captions or bench-learn run folder")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("serve-reader", help="start the reader's vLLM server and wait")
     _add_common(p)
