@@ -10,6 +10,8 @@ The run folder (`--out`, default runs/captions-<data>-<captioner>-<time>/) gets:
                    "prediction", "coarse", "refine_passes", "error"}; a rerun with the same
                    --out captions only the images not in it yet (nothing finished is lost)
   per_image.jsonl  {"id", "image", "prediction", "references", "scores", "judge", "error"}
+  report.html      each image with references, coarse -> refined edits, per-image scores
+                   (pipeline/report_captions.py; `mmser report RUN` rebuilds it)
   metrics.json     {"metrics", "not_computed", "tokenizer", "bertscore_model", "judge_model",
                    "n_items", "n_scored", "n_failed", "failed", "captioner", "data", ...}
 
@@ -268,6 +270,10 @@ def evaluate_captions(
             }
             fh.write(json.dumps(line, ensure_ascii=False) + "\n")
     (run_dir / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
+    from pipeline.report_captions import eval_captions_view
+
+    eval_captions_view(run_dir, f"{name} on {_label(settings.data)}", samples, rows, failed,
+                       scores, settings.metrics)  # RUN/report.html: each image, its edits
     table = format_table(summary, title=f"{name} on {_label(settings.data)}")
     return CaptionRun(run_dir, scores, summary, table)
 
