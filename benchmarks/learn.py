@@ -278,7 +278,6 @@ def _write_view(work: Path, world: Any, record: dict[str, Any], seed: int) -> No
     from pipeline.world import LEARN_WORLD
 
     test = load_caption_source(DataSource("llava", str(world.root / "test.json"))).samples
-    (work / "view").mkdir(parents=True, exist_ok=True)
     print(f"view: {learn_view(work / 'view', test, record, LEARN_WORLD, seed)[0]}")
 
 

@@ -40,6 +40,7 @@ class CaptionItem:
 def save_caption_view(folder: Path, title: str, items: Sequence[CaptionItem], note: str
                       ) -> list[Path]:
     data = {"title": title, "note": note, "items": [asdict(i) for i in items]}
+    Path(folder).mkdir(parents=True, exist_ok=True)
     (Path(folder) / VIEW_FILE).write_text(json.dumps(data, ensure_ascii=False))
     return build_caption_view(folder)
 

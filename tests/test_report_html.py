@@ -291,3 +291,28 @@ def changed_words_of(coarse: str, refined: str) -> tuple[list[str], list[str]]:
     ops = difflib.SequenceMatcher(a=a, b=b, autojunk=False).get_opcodes()
     return ([w for op, i1, i2, _, _ in ops if op != "equal" for w in a[i1:i2]],
             [w for op, _, _, j1, j2 in ops if op != "equal" for w in b[j1:j2]])
+
+
+def test_bench_learn_view_scores_coarse_and_refined_against_the_truth(tmp_path: Path):
+    from captioner.train_data import DataSource, load_caption_source
+    from pipeline.report_captions import learn_view
+    from pipeline.world import LEARN_WORLD, build_world
+
+    world = build_world(tmp_path / "world", LEARN_WORLD, {"train": 4, "val": 2, "test": 5},
+                        components=False)
+    test = load_caption_source(DataSource("llava", str(world.root / "test.json"))).samples
+    truth = [s.captions[0] for s in test]
+    # A seed's record as benchmarks/learn.py keeps it: coarse with one slot wrong where it
+    # can be, refined back to the truth.
+    coarse = [t.replace("red", "blue") if "red" in t else t.replace("small", "large", 1)
+              for t in truth]
+    record = {"truth": truth, "coarse": coarse, "refined": truth}
+    (page,) = learn_view(tmp_path / "view", test, record, LEARN_WORLD, seed=0)
+    rows = by_class(parse(page), "tr", "item")
+    assert len(rows) == 5 and len(by_class(parse(page), "tr", "changed")) == sum(
+        c != t for c, t in zip(coarse, truth, strict=True))
+    for row, c, t in zip(rows, coarse, truth, strict=True):
+        exact = row.findall("td")[3]  # columns sort by name: exact, slot_accuracy
+        assert float(exact.get("data-value")) == float(c != t)  # 0 -> 1 where fixed
+        assert text_of(exact).startswith("1.000")
+        assert row.find("td").find("img") is not None
