@@ -10,6 +10,7 @@ that cannot be decoded any more gives its reason, never an exception.
 from __future__ import annotations
 
 import hashlib
+import io
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -36,6 +37,7 @@ class ThumbJob:
 class ThumbResult:
     video_id: str
     files: dict[int, str] = field(default_factory=dict)  # milliseconds -> file name
+    jpegs: dict[int, bytes] = field(default_factory=dict)  # milliseconds -> new JPEG
     error: str | None = None  # why the video could not be decoded at report time
 
 
@@ -65,13 +67,11 @@ def _thumb_name(ms: int) -> str:
 
 
 def make_thumbnails(job: ThumbJob, width: int = THUMB_WIDTH) -> ThumbResult:
-    """Decode `job.timestamps` of one video and write the JPEGs not already there."""
+    """Decode the `job.timestamps` not yet in `job.out_dir` and return their JPEG bytes
+    (written by the caller: a Ray task may run on another node than the run folder's)."""
     out = Path(job.out_dir)
     result = ThumbResult(job.video_id)
     todo = [t for t in job.timestamps if not (out / _thumb_name(millis(t))).exists()]
-    for t in job.timestamps:
-        if t not in todo:
-            result.files[millis(t)] = _thumb_name(millis(t))
     if not todo:
         return result  # a rebuilt report: nothing to decode
     try:
@@ -81,14 +81,27 @@ def make_thumbnails(job: ThumbJob, width: int = THUMB_WIDTH) -> ThumbResult:
         return result
     from PIL import Image
 
-    out.mkdir(parents=True, exist_ok=True)
     for t, frame in zip(todo, frames, strict=True):
         image = Image.fromarray(frame)
         height = max(1, round(image.height * width / image.width))
-        name = _thumb_name(millis(t))
+        buffer = io.BytesIO()
         image.resize((width, height), Image.Resampling.BILINEAR).save(
-            out / name, "JPEG", quality=_JPEG_QUALITY)
-        result.files[millis(t)] = name
+            buffer, "JPEG", quality=_JPEG_QUALITY)
+        result.jpegs[millis(t)] = buffer.getvalue()
+    return result
+
+
+def _store(job: ThumbJob, result: ThumbResult) -> ThumbResult:
+    """Write the new JPEGs; list every thumbnail of the job that exists."""
+    out = Path(job.out_dir)
+    if result.jpegs:
+        out.mkdir(parents=True, exist_ok=True)
+    for ms, data in result.jpegs.items():
+        (out / _thumb_name(ms)).write_bytes(data)
+    result.jpegs = {}
+    for t in job.timestamps:
+        if (out / _thumb_name(millis(t))).exists():
+            result.files[millis(t)] = _thumb_name(millis(t))
     return result
 
 
@@ -121,11 +134,12 @@ def _decode_at(path: str, timestamps: Sequence[float]) -> np.ndarray:
 
 
 def thumbnails_for(jobs: list[ThumbJob], ray_settings: RaySettings) -> dict[str, ThumbResult]:
-    """Every job's thumbnails: Ray tasks (one per video) when Ray is enabled, else serial."""
+    """Every job's thumbnails: Ray tasks (one per video still to decode) when Ray is
+    enabled, else serial; the JPEGs are written here, in the run folder."""
     needed = [j for j in jobs if any(
         not (Path(j.out_dir) / _thumb_name(millis(t))).exists() for t in j.timestamps)]
     if not ray_settings.enabled or not needed:
-        return {j.video_id: make_thumbnails(j) for j in jobs}
+        return {j.video_id: _store(j, make_thumbnails(j)) for j in jobs}
     import ray
 
     from pipeline.ray_cluster import init_ray
@@ -133,10 +147,14 @@ def thumbnails_for(jobs: list[ThumbJob], ray_settings: RaySettings) -> dict[str,
     init_ray(ray_settings)
     task = ray.remote(num_cpus=1)(make_thumbnails)
     refs = {j.video_id: task.remote(j) for j in needed}
-    results = {j.video_id: make_thumbnails(j) for j in jobs if j.video_id not in refs}
-    for video_id, ref in refs.items():
+    results = {}
+    for job in jobs:
+        if job.video_id not in refs:
+            results[job.video_id] = _store(job, ThumbResult(job.video_id))
+            continue
         try:
-            results[video_id] = ray.get(ref)
+            results[job.video_id] = _store(job, ray.get(refs[job.video_id]))
         except Exception as exc:  # a worker that died is this video's reason
-            results[video_id] = ThumbResult(video_id, error=f"thumbnail task failed: {exc}")
+            results[job.video_id] = ThumbResult(job.video_id,
+                                                error=f"thumbnail task failed: {exc}")
     return results
