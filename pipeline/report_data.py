@@ -41,6 +41,7 @@ class RunData:
     prompt_note: str
     answers: dict[str, dict[str, Any]]  # q_uid -> AnswerRecord as a dict
     failures: list[dict[str, Any]] = field(default_factory=list)
+    snapshot: dict[str, Any] = field(default_factory=dict)  # the run's config.yaml
 
 
 def _question_dict(q: Question) -> dict[str, Any]:
@@ -142,7 +143,13 @@ def load_run(folder: str | Path) -> RunData:
     except json.JSONDecodeError as exc:
         raise PipelineError(f"{folder}: a report input is not valid JSON: {exc}") from exc
     answers = {r["q_uid"]: r for r in _jsonl(folder / "predictions.jsonl")}
+    snapshot: dict[str, Any] = {}
+    if (folder / "config.yaml").exists():
+        import yaml
+
+        snapshot = yaml.safe_load((folder / "config.yaml").read_text()) or {}
     return RunData(folder=folder, metrics=metrics, identity=identity,
                    videos=data["videos"], questions=data["questions"],
                    prompts=data.get("prompts", {}), prompt_note=data.get("prompt_note", ""),
-                   answers=answers, failures=_jsonl(folder / "failures.jsonl"))
+                   answers=answers, failures=_jsonl(folder / "failures.jsonl"),
+                   snapshot=snapshot)

@@ -131,8 +131,8 @@ def _summary(run: RunData) -> str:
     acc = m.get("accuracy", {})
     timing = m.get("captioner_timing") or {}
     params = timing.get("parameters")
-    captioner = run.identity.get("captioner", {})
-    checkpoint = captioner.get("checkpoint") or captioner.get("model") or ""
+    section = (run.snapshot.get("captioner") or {}).get(m.get("captioner"), {})
+    checkpoint = section.get("checkpoint") if isinstance(section, dict) else None
     wrong = sum(1 for a in run.answers.values() if _is_wrong(a))
     changed = sum(1 for v in run.videos for c in v["captions"] if _changed(c))
     frames = sum(len(v["captions"]) for v in run.videos)
@@ -145,7 +145,8 @@ def _summary(run: RunData) -> str:
         ("captioner", m.get("captioner")),
         ("its checkpoint", checkpoint or "n/a"),
         ("parameters of the checkpoint loaded",
-         f"{params / 1e6:.1f}M ({params:,})" if params else "n/a"),
+         f"{params / 1e6:.1f}M ({params:,}), from {timing.get('parameters_source', 'n/a')}"
+         if params else "n/a"),
         ("reader", m.get("reader")),
         ("frames captioned / changed by refinement", f"{frames} / {changed}"),
     ]

@@ -110,6 +110,7 @@ def test_one_section_per_video_and_question_in_well_formed_html(run: Path):
     # The loaded tiny checkpoint's own count, not the real model's ~482M.
     params = metrics["captioner_timing"]["parameters"]
     assert 1e5 < params < 1e7 and f"{params:,}" in summary
+    assert "from safetensors headers of" in summary and "mmser-tiny" in summary
     assert len(list(root.iter("{http://www.w3.org/2000/svg}rect"))) == len(
         metrics["wall_clock_s"])
     # Answered questions: their option bars, the prompt and the raw reply.
