@@ -13,7 +13,7 @@ export HF_HUB_OFFLINE ?= 1
 
 .PHONY: help install demo test lint videoqa serve-reader train bench-decode bench-captioner \
 	bench-reader bench-pipeline bench-captioners bench-learn bench-captioning bench-cluster \
-	eval-captions data compare clean
+	eval-captions data compare report clean
 
 help:  ## list the commands
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
@@ -60,6 +60,9 @@ bench-cluster: install  ## the same videos on a 2-node local Ray cluster and on 
 RUNS ?= $(wildcard runs/*)
 compare: install  ## one table from several runs: make compare RUNS="runs/a runs/b"
 	$(PY) -m pipeline compare $(RUNS)
+
+report: install  ## rebuild a run folder's HTML report (frames, captions, answers): make report RUN=runs/x
+	$(PY) -m pipeline report $(RUN)
 
 bench-captioners: install  ## all four captioners timed on the same frames (make bench-captioners ARGS="--device cuda")
 	$(PY) -m benchmarks.captioner_comparison $(ARGS)

@@ -29,4 +29,15 @@ if [ -n "$forks" ]; then
     echo "install: other decord distributions found, remove them: $forks" >&2
     exit 1
 fi
+# Headless Chromium renders the HTML report in tests/test_report_browser.py (Debian's
+# package; a no-op when present). Without apt-get that test skips, naming chromium.
+if ! command -v chromium >/dev/null 2>&1 && ! command -v chromium-browser >/dev/null 2>&1; then
+    if command -v apt-get >/dev/null 2>&1; then
+        sudo_=""; [ "$(id -u)" -eq 0 ] || sudo_="sudo"
+        $sudo_ apt-get update -q && $sudo_ apt-get install -y -q chromium \
+            || echo "install: chromium not installed (the browser test will skip)" >&2
+    else
+        echo "install: no apt-get: install chromium for tests/test_report_browser.py" >&2
+    fi
+fi
 "$venv/bin/python" -c "import vllm, transformers, decord, ray; print('install: ok', 'vllm', vllm.__version__, 'transformers', transformers.__version__, 'decord', decord.__version__, 'ray', ray.__version__)"
