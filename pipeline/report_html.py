@@ -66,7 +66,8 @@ def build_html_report(folder: str | Path, ray_settings: RaySettings,
     for index, chunk in enumerate(pages):
         body = _nav(names, index)
         if index == 0:
-            body += _summary(run)
+            body += _summary(run) + _index(run, {v["video_id"]: names[i] for i, chunk
+                                                 in enumerate(pages) for v in chunk})
         body += filters([("only-wrong", "only wrong answers"), ("only-failures", "only failures"),
                          ("only-changed", "only frames refinement changed")])
         body += "".join(_video_section(run, v, thumbs.get(v["video_id"])) for v in chunk)
@@ -156,6 +157,23 @@ def _summary(run: RunData) -> str:
             f"{stage_chart(m.get('wall_clock_s', {}))}"
             f'<p class="note">Run folder {esc(run.folder)}. Accuracy of a random-weights '
             f"reader or captioner is chance level, not a quality figure.</p></section>")
+
+
+def _index(run: RunData, page_of: dict[str, str]) -> str:
+    """Every failure and wrong answer of the whole run, linked to its page: the filters
+    work on one page, this list spans them all."""
+    links = []
+    for q in run.questions:
+        answer = run.answers.get(q["q_uid"], {})
+        if not (answer.get("error") or _is_wrong(answer)):
+            continue
+        why = f"failed: {answer['error']}" if answer.get("error") else "wrong answer"
+        href = f"{page_of.get(q['video_id'], _page_name(0))}#q-{q['q_uid']}"
+        links.append(f'<li><a href="{esc(href)}">{esc(q["q_uid"])}</a> {esc(why)}</li>')
+    if not links:
+        return ""
+    return (f"<details class=\"card index\"><summary>{len(links)} failed or wrong "
+            f"question(s), on every page</summary><ul>{''.join(links)}</ul></details>")
 
 
 # --- one video --------------------------------------------------------------------------

@@ -201,7 +201,19 @@ def test_rebuild_by_cli_decodes_nothing_again_and_pages(run: Path, tmp_path: Pat
     for page in pages:
         root = parse(page)
         assert len(by_class(root, "section", "video")) == 1
-        assert {a.get("href") for a in root.iter("a")} == {p.name for p in pages} - {page.name}
+        navigation = {a.get("href") for nav in root.iter("nav") for a in nav.iter("a")}
+        assert navigation == {p.name for p in pages} - {page.name}
+    # Page one lists every failed or wrong question, each linked to its own page's anchor.
+    answers = [json.loads(x) for x in (copy / "predictions.jsonl").read_text().splitlines()]
+    bad = {a["q_uid"] for a in answers
+           if a["error"] or (a["answer"] is not None and a["prediction"] != a["answer"])}
+    index = by_class(parse(pages[0]), "details", "index")
+    links = {a.get("href") for a in index[0].iter("a")} if index else set()
+    assert len(links) == len(bad) >= 1
+    for href in links:
+        name, anchor = href.split("#")
+        assert anchor.removeprefix("q-") in bad
+        assert len([e for e in parse(copy / name).iter() if e.get("id") == anchor]) == 1
 
 
 def test_a_video_gone_at_report_time_shows_its_reason(run: Path, tmp_path: Path):
