@@ -271,16 +271,6 @@ def machine_info() -> dict[str, Any]:
             "cores": os.cpu_count(), "dtype": "float32", "torch": torch.__version__}
 
 
-def _write_view(work: Path, world: Any, record: dict[str, Any], seed: int) -> None:
-    """WORK/view/report.html: seed `seed`'s test images, coarse -> refined edits, scores."""
-    from captioner.train_data import DataSource, load_caption_source
-    from pipeline.report_captions import learn_view
-    from pipeline.world import LEARN_WORLD
-
-    test = load_caption_source(DataSource("llava", str(world.root / "test.json"))).samples
-    print(f"view: {learn_view(work / 'view', test, record, LEARN_WORLD, seed)[0]}")
-
-
 def run(args: argparse.Namespace) -> int:
     from pipeline.world import LEARN_WORLD, build_world
 
@@ -319,7 +309,9 @@ def run(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "learn.json").write_text(json.dumps(summary, indent=1))
     plot(summary, out / "learn.png")
-    _write_view(work, world, records[0], seeds[0])
+    from pipeline.report_captions import learn_view
+
+    print(f"view: {learn_view(work / 'view', world.root, records[0], seeds[0])[0]}")
     if args.quick:
         print("QUICK RUN: a few steps only; the figures below mean nothing.")
     print(table(summary))

@@ -75,11 +75,17 @@ def eval_captions_view(run_dir: Path, title: str, samples: Sequence[Any],
     return save_caption_view(run_dir, title, items, note)
 
 
-def learn_view(out: Path, test_samples: Sequence[Any], record: Mapping[str, Any],
-               spec: Any, seed: int) -> list[Path]:
-    """bench-learn's view of one seed's MM-SeR on the world's test images: exact match
-    and slot accuracy against the one canonical caption, coarse and refined."""
-    from pipeline.world import parse_caption
+def learn_view(out: Path, world_root: Path, record: Mapping[str, Any], seed: int
+               ) -> list[Path]:
+    """bench-learn's view of one seed's MM-SeR on the learn world's test images (`record`:
+    that seed's eval.json): exact match and slot accuracy against the one canonical
+    caption, coarse and refined."""
+    from captioner.train_data import DataSource, load_caption_source
+    from pipeline.world import LEARN_WORLD, parse_caption
+
+    spec = LEARN_WORLD
+    test_samples = load_caption_source(DataSource("llava", str(Path(world_root) / "test.json"))
+                                       ).samples
 
     def scored(text: str | None, truth: str) -> dict[str, float]:
         want, got = parse_caption(truth, spec) or {}, parse_caption(text or "", spec) or {}

@@ -320,7 +320,7 @@ def test_bench_learn_view_scores_coarse_and_refined_against_the_truth(tmp_path: 
     coarse = [t.replace("red", "blue") if "red" in t else t.replace("small", "large", 1)
               for t in truth]
     record = {"truth": truth, "coarse": coarse, "refined": truth}
-    (page,) = learn_view(tmp_path / "view", test, record, LEARN_WORLD, seed=0)
+    (page,) = learn_view(tmp_path / "view", world.root, record, seed=0)
     rows = by_class(parse(page), "tr", "item")
     assert len(rows) == 5 and len(by_class(parse(page), "tr", "changed")) == sum(
         c != t for c, t in zip(coarse, truth, strict=True))
