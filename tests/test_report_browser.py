@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from captioner.tiny import build_tiny_checkpoint
+from captioner.random_weights import build_tiny_checkpoint
 from pipeline.config import load_config
 from pipeline.demo import demo_overrides
 from pipeline.demo_data import generate_demo_dataset

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from captioner.tiny import build_tiny_checkpoint
+from captioner.random_weights import build_tiny_checkpoint
 from pipeline.cache import CaptionCache
 from pipeline.cli import main as cli_main
 from pipeline.config import RaySettings, load_config
