@@ -281,8 +281,15 @@ def main() -> None:
 
     # What a draft the refinement keeps would save: the largest batch, same frames.
     top = rows[-1]
-    sweep = agreement_sweep(mmser, frames, args.agreements) if args.agreements else []
+    # The headline first, in case a cap on the run's time stops the extras below.
+    print(f"batch {top['batch_size']}: coarse_pass_ratio {top['coarse_pass_ratio']:.3f}, "
+          f"refine_overhead_ratio {top['ratio_plain']:.3f} (drafted {top['ratio']:.3f}); "
+          f"stages {top['mmser_plain_stages_s']}", flush=True)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(json.dumps({"partial": True, "machine": machine(device), "rows": rows},
+                                   indent=2))
     recording = recording_cost(captioners["mmser_plain"], frames, args.repeats)
+    sweep = agreement_sweep(mmser, frames, args.agreements) if args.agreements else []
     first_pass_s = top["mmser_plain_s"] - top["mmser_plain_stages_s"].get("refine", 0.0)
     for row in sweep:
         # MM-SeR's time with this refinement pass, over the simple model's, same run.
