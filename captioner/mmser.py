@@ -38,7 +38,12 @@ from captioner.base import (
 )
 from captioner.configuration_mmser import MMSeRConfig, real_config
 from captioner.errors import CaptionerError
-from captioner.modeling_mmser import MMSeRForConditionalGeneration, PassState, count_parameters
+from captioner.modeling_mmser import (
+    MMSeRForConditionalGeneration,
+    PassState,
+    count_parameters,
+    register_auto_classes,
+)
 from captioner.sequence import build_layout, encode_captions
 from captioner.settings import DEFAULT_DRAFT_TOKENS, CaptionerSettings
 
@@ -313,6 +318,7 @@ def build(settings: CaptionerSettings, name: str, **kwargs: Any) -> MMSeRCaption
         model = MMSeRForConditionalGeneration.from_pretrained(
             path, dtype=dtype, attn_implementation="sdpa"
         )
+        register_auto_classes()  # the Auto loaders below read the checkpoint's config.json
         processor = AutoImageProcessor.from_pretrained(path, backend=image_backend())
         tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
     else:

@@ -45,7 +45,7 @@ from transformers.utils import logging as hf_logging
 from captioner.base import image_backend, native_bf16_cpu
 from captioner.configuration_mmser import MMSeRConfig
 from captioner.errors import CaptionerError
-from captioner.modeling_mmser import MMSeRForConditionalGeneration
+from captioner.modeling_mmser import MMSeRForConditionalGeneration, register_auto_classes
 from captioner.sequence import build_layout
 from captioner.settings import CaptionerSettings
 from captioner.train_data import (
@@ -108,6 +108,7 @@ def load_start(
         if fresh_connector:
             count = sum(p.numel() for p in model.ser_connector.parameters())
             log.info("a new SeR-Connector (%.2fM parameters) joins %s", count / 1e6, start)
+        register_auto_classes()  # the Auto loaders below read the checkpoint's config.json
         processor = AutoImageProcessor.from_pretrained(start, backend=image_backend())
         tokenizer = AutoTokenizer.from_pretrained(start)
     model.config.caption_prompt = captioner.generation.prompt
