@@ -34,7 +34,7 @@ fi
 if ! command -v chromium >/dev/null 2>&1 && ! command -v chromium-browser >/dev/null 2>&1; then
     if command -v apt-get >/dev/null 2>&1; then
         sudo_=""; [ "$(id -u)" -eq 0 ] || sudo_="sudo"
-        $sudo_ apt-get update -q && $sudo_ apt-get install -y -q chromium \
+        $sudo_ apt-get update -q && $sudo_ env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium \
             || echo "install: chromium not installed (the browser test will skip)" >&2
     else
         echo "install: no apt-get: install chromium for tests/test_report_browser.py" >&2
