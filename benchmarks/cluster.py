@@ -119,6 +119,7 @@ def main() -> None:
 
     result = {
         "machine": machine(torch.device("cpu")),
+        "dtype": "float32",  # the captioner's, set in config() above (CPU, any capability)
         "videos": args.videos, "frames_per_video": args.seconds,
         "cpus_per_node": args.cpus_per_node,
         "nodes_used": two["nodes_used"], "nodes_used_one_node": one["nodes_used"],
