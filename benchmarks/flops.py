@@ -13,6 +13,8 @@ its full length, masked slots included, because that is what the kernel computes
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 from torch.utils.flop_counter import (
@@ -23,15 +25,23 @@ from torch.utils.flop_counter import (
 )
 
 _CPU_SDPA = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+# The decode steps' linears on prepacked weights (captioner/packed_linear.py).
+_PACKED_LINEAR = torch.ops.mkldnn._linear_pointwise
 
 
-def _register_cpu_attention() -> None:
-    if _CPU_SDPA in flop_registry:
-        return
+def _register_cpu_formulas() -> None:
+    if _CPU_SDPA not in flop_registry:
 
-    @register_flop_formula(_CPU_SDPA)
-    def _cpu_sdpa_flop(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs):
-        return sdpa_flop_count(query_shape, key_shape, value_shape)
+        @register_flop_formula(_CPU_SDPA)
+        def _cpu_sdpa_flop(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs):
+            return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+    if _PACKED_LINEAR not in flop_registry:  # the default overload (x, weight, bias, ...)
+
+        @register_flop_formula(_PACKED_LINEAR)
+        def _packed_linear_flop(input_shape, weight_shape, *args, out_shape=None, **kwargs):
+            rows = math.prod(input_shape[:-1])  # weight (out, in), as nn.Linear keeps it
+            return 2 * rows * weight_shape[0] * weight_shape[1]
 
 
 def caption_flops(captioner, frames: np.ndarray) -> dict[str, float]:
@@ -41,7 +51,7 @@ def caption_flops(captioner, frames: np.ndarray) -> dict[str, float]:
     (`connector`, 0 for the simple model), the LM head (`lm_head`) and attention kernels
     (`attention`). `captioner` is an MMSeRCaptioner.
     """
-    _register_cpu_attention()
+    _register_cpu_formulas()
     model = captioner.model
     # FlopCounterMode tracks modules with autograd hooks, which fail on parameters that
     # require grad inside inference_mode; inference never needs their gradients.

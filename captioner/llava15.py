@@ -32,6 +32,7 @@ from captioner.base import (
     with_build_options,
 )
 from captioner.errors import CaptionerError
+from captioner.packed_linear import pack_decode_linears, packing_applies
 from captioner.settings import CaptionerSettings
 
 PROMPT_TEMPLATE = "USER: <image>\n{prompt} ASSISTANT:"
@@ -98,6 +99,9 @@ class Llava15Captioner(Captioner):
         self.num_beams = g.num_beams
         device, self.dtype = resolve_device_dtype(settings.device, settings.dtype)
         self.device = torch.device(device)
+        weight = next(model.parameters())
+        if packing_applies(settings.packed_linears, weight.device, weight.dtype):
+            pack_decode_linears(model, ("model.language_model", "lm_head"))
         # Decoder-only generation continues every row from its last token: pad on the left.
         processor.tokenizer.padding_side = "left"
         self.pad_token_id = processor.tokenizer.pad_token_id

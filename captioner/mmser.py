@@ -44,11 +44,14 @@ from captioner.modeling_mmser import (
     count_parameters,
     register_auto_classes,
 )
+from captioner.packed_linear import pack_decode_linears, packing_applies
 from captioner.sequence import build_layout, encode_captions
 from captioner.settings import DEFAULT_DRAFT_TOKENS, CaptionerSettings
 
 IMAGE_TOKEN = "<image>"
 NAMES = ("simple", "mmser")
+# What runs once per decode step (packed on CPU): the OPT decoder and its LM head.
+DECODER_LINEARS = ("model.language_model", "lm_head")
 
 
 def from_components(
@@ -124,6 +127,8 @@ class MMSeRCaptioner(Captioner):
             )
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
+        if packing_applies(settings.packed_linears, self.device, self.dtype):
+            pack_decode_linears(model, DECODER_LINEARS)
         # Draft verification pays where a decode step is memory-bound (GPU), see settings.
         auto_draft = DEFAULT_DRAFT_TOKENS if self.device.type == "cuda" else 0
         self.max_draft = auto_draft if mm.draft_tokens is None else mm.draft_tokens

@@ -97,6 +97,10 @@ class CaptionerSettings:
     device: str = "auto"
     # auto: bfloat16 on cuda, float32 on cpu.
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    # Decode steps' linears through oneDNN with prepacked weights (captioner/packed_linear.py):
+    # null = on for float32 on a CPU, where they measured faster; the same captions up to
+    # float rounding. Not part of the caption cache's key.
+    packed_linears: bool | None = None
     generation: GenerationSettings = field(default_factory=GenerationSettings)
     simple: SimpleSettings = field(default_factory=SimpleSettings)
     mmser: MMSeRSettings = field(default_factory=MMSeRSettings)

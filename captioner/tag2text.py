@@ -38,6 +38,7 @@ from captioner.base import (
 )
 from captioner.baseline_settings import Tag2TextSettings
 from captioner.errors import CaptionerError
+from captioner.packed_linear import pack_decode_linears, packing_applies
 from captioner.settings import CaptionerSettings
 from captioner.tag2text_checkpoint import load_into, read_checkpoint, read_tag_list
 from captioner.tag2text_model import Tag2TextArch, Tag2TextModel, parameter_breakdown
@@ -95,6 +96,9 @@ class Tag2TextCaptioner(Captioner):
         self.own = own = settings.tag2text
         device, self.dtype = resolve_device_dtype(settings.device, settings.dtype)
         self.device = torch.device(device)
+        weight = next(model.parameters())
+        if packing_applies(settings.packed_linears, weight.device, weight.dtype):
+            pack_decode_linears(model, ("text_decoder",))  # what runs once per decode step
         g = settings.generation.with_overrides(
             max_new_tokens=own.max_new_tokens,
             min_new_tokens=own.min_new_tokens,
