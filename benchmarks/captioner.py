@@ -3,6 +3,10 @@
     python -m benchmarks.captioner                       # CPU: batch 32, 60 tokens, 3 repeats
     python -m benchmarks.captioner --batch-sizes 1 4 --new-tokens 8     # a quick check
     python -m benchmarks.captioner --device cuda         # GPU, batches 64 128 256
+    python -m benchmarks.captioner --drafts              # CPU, drafted refinement too
+
+On a CPU the default run times what the product runs there (plain refinement; drafts are
+the GPU default) and records the state one way each, so it fits 30 minutes on 2 cores.
 
 Random weights cannot stop early: min_new_tokens == max_new_tokens fixes every caption's
 length, so both captioners do the same decoding work per pass. Both use one model (CLIP
@@ -38,6 +42,7 @@ from captioner.modeling_mmser import (
     PassState,
     count_parameters,
 )
+from captioner.packed_linear import PackedDecodeLinear
 from captioner.random_weights import gpt2_tokenizer
 from captioner.settings import DEFAULT_DRAFT_TOKENS, CaptionerSettings
 
@@ -205,8 +210,14 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=60, help="fixed caption length")
     parser.add_argument("--repeats", type=int, default=3,
                         help="alternate simple/mmser runs this many times; report medians")
+    parser.add_argument("--drafts", action=argparse.BooleanOptionalAction, default=None,
+                        help="also time MM-SeR with drafted refinement and the agreement sweep "
+                        "(default: on a GPU only; the product drafts only there)")
     parser.add_argument("--agreements", type=float, nargs="*", default=[1.0, 0.9, 0.75],
                         help="draft agreements to time the refinement pass at (largest batch)")
+    parser.add_argument("--recording-repeats", type=int, default=None,
+                        help="interleaved during/after recording measurements (default: 1 on "
+                        "cpu, where one takes ~4 min, --repeats on cuda; 0 skips it)")
     parser.add_argument("--compile-decode", action="store_true",
                         help="compiled decode steps (captioner.*.compile_decode; for GPUs)")
     parser.add_argument("--out", type=Path, default=None)
@@ -218,8 +229,17 @@ def main() -> None:
     cuda = device.type == "cuda"
     batch_sizes = args.batch_sizes or ([64, 128, 256] if cuda else [32])
     out_path = args.out or RESULTS / ("captioner_cuda.json" if cuda else "captioner.json")
+    # On a CPU (2 cores: ~3 min a batch of 32 per captioner) the default run times what the
+    # product runs there, so 3 repeats fit 30 minutes: no drafts, one recording pair.
+    drafts = cuda if args.drafts is None else args.drafts
+    recording_repeats = args.recording_repeats
+    if recording_repeats is None:
+        recording_repeats = args.repeats if cuda else 1
     captioners, params = build_captioners(device, dtype, args.new_tokens, args.compile_decode)
     mmser = captioners["mmser"]
+    if not drafts:
+        del captioners["mmser"]
+    packed = any(isinstance(m, PackedDecodeLinear) for m in mmser.model.modules())
     rng = np.random.default_rng(0)
     # Warm-up (allocator, kernels) on a small batch, not measured.
     warm = rng.integers(0, 256, (2, 336, 336, 3), dtype=np.uint8)
@@ -244,18 +264,28 @@ def main() -> None:
                 runs[name].append(timed(captioner, frames, batch))
         best = {name: median_run(name_runs) for name, name_runs in runs.items()}
         secs = {name: run[0] for name, run in best.items()}
-        counters = best["mmser"][2]
+        row = {
+            "batch_size": batch,
+            "frames": n,
+            "simple_fps": n / secs["simple"],
+            "mmser_plain_fps": n / secs["mmser_plain"],
+            "simple_s": secs["simple"],
+            "mmser_plain_s": secs["mmser_plain"],
+        }
+        if drafts:
+            counters = best["mmser"][2]
+            row.update({
+                "mmser_fps": n / secs["mmser"],
+                "mmser_s": secs["mmser"],
+                "ratio": secs["mmser"] / secs["simple"],
+                # How much of its own coarse caption this random model's refinement kept.
+                "draft_kept": counters.get("draft_accepted", 0)
+                / max(1, counters.get("draft_proposed", 0)),
+                "mmser_stages_s": best["mmser"][1],
+            })
         rows.append(
             {
-                "batch_size": batch,
-                "frames": n,
-                "simple_fps": n / secs["simple"],
-                "mmser_fps": n / secs["mmser"],
-                "mmser_plain_fps": n / secs["mmser_plain"],
-                "simple_s": secs["simple"],
-                "mmser_s": secs["mmser"],
-                "mmser_plain_s": secs["mmser_plain"],
-                "ratio": secs["mmser"] / secs["simple"],
+                **row,
                 # MM-SeR's first pass (vision + coarse caption) over the simple model's
                 # identical pass: what the refinement machinery costs before it refines.
                 "coarse_pass_ratio": (secs["mmser_plain"]
@@ -265,31 +295,27 @@ def main() -> None:
                 # refinement stage (its extra operations over its refine seconds).
                 "simple_gflop_per_s": n * flops["simple"]["per_frame"] / secs["simple"] / 1e9,
                 "refine_gflop_per_s": n * refine_flops / best["mmser_plain"][1]["refine"] / 1e9,
-                # How much of its own coarse caption this random model's refinement kept.
-                "draft_kept": counters.get("draft_accepted", 0)
-                / max(1, counters.get("draft_proposed", 0)),
                 "simple_stages_s": best["simple"][1],
-                "mmser_stages_s": best["mmser"][1],
                 "mmser_plain_stages_s": best["mmser_plain"][1],
             }
         )
-        print(
-            f"batch {batch}: simple {n / secs['simple']:.2f} fps, mmser "
-            f"{n / secs['mmser']:.2f} fps (plain {n / secs['mmser_plain']:.2f})",
-            flush=True,
-        )
+        drafted = f", drafted {n / secs['mmser']:.2f}" if drafts else ""
+        print(f"batch {batch}: simple {n / secs['simple']:.2f} fps, mmser plain "
+              f"{n / secs['mmser_plain']:.2f} fps{drafted}", flush=True)
 
     # What a draft the refinement keeps would save: the largest batch, same frames.
     top = rows[-1]
     # The headline first, in case a cap on the run's time stops the extras below.
+    drafted = f" (drafted {top['ratio']:.3f})" if drafts else ""
     print(f"batch {top['batch_size']}: coarse_pass_ratio {top['coarse_pass_ratio']:.3f}, "
-          f"refine_overhead_ratio {top['ratio_plain']:.3f} (drafted {top['ratio']:.3f}); "
+          f"refine_overhead_ratio {top['ratio_plain']:.3f}{drafted}; "
           f"stages {top['mmser_plain_stages_s']}", flush=True)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps({"partial": True, "machine": machine(device), "rows": rows},
                                    indent=2))
-    recording = recording_cost(captioners["mmser_plain"], frames, args.repeats)
-    sweep = agreement_sweep(mmser, frames, args.agreements) if args.agreements else []
+    recording = (recording_cost(captioners["mmser_plain"], frames, recording_repeats)
+                 if recording_repeats > 0 else None)
+    sweep = agreement_sweep(mmser, frames, args.agreements) if drafts and args.agreements else []
     first_pass_s = top["mmser_plain_s"] - top["mmser_plain_stages_s"].get("refine", 0.0)
     for row in sweep:
         # MM-SeR's time with this refinement pass, over the simple model's, same run.
@@ -303,8 +329,10 @@ def main() -> None:
         "refine_steps": 1,
         "repeats": args.repeats,
         "reuse_cache": mmser.settings.mmser.reuse_cache,
-        "draft_tokens": mmser.max_draft,
+        "draft_tokens": mmser.max_draft if drafts else None,
         "compile_decode": args.compile_decode,
+        # Decode steps' linears on prepacked oneDNN weights (captioner.packed_linears).
+        "packed_linears": packed,
         "parameters": params,
         # Counted on one frame (benchmarks/flops.py): total, connector, lm_head, attention.
         "flops_per_frame": flops,
@@ -318,12 +346,14 @@ def main() -> None:
         # at a given agreement.
         "refine_overhead_ratio": top["ratio_plain"],
         "coarse_pass_ratio": top["coarse_pass_ratio"],
-        "refine_overhead_ratio_drafted": top["ratio"],
+        "refine_overhead_ratio_drafted": top.get("ratio"),
         # The refinement pass at the largest batch when its draft agrees with the refined
         # caption at each rate (agreement null: plain greedy); see agreement_sweep().
         "agreement_sweep": sweep,
-        # MM-SeR's coarse pass at the largest batch, recording during vs after decoding.
+        # MM-SeR's coarse pass at the largest batch, recording during vs after decoding
+        # (`recording_repeats` interleaved pairs, medians; null when skipped).
         "recording": recording,
+        "recording_repeats": recording_repeats,
         "note": "random weights, speed only; CPU figures depend on other load on the machine",
     }
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -340,14 +370,17 @@ def main() -> None:
     )
     for r in rows:
         st = r["mmser_plain_stages_s"]
+        drafted = (f"{r['mmser_fps']:>10.3f} {r['ratio']:>7.3f} {r['draft_kept']:>5.2f}"
+                   if drafts else f"{'-':>10} {'-':>7} {'-':>5}")
         print(
-            f"{r['batch_size']:>6} {r['simple_fps']:>11.3f} {r['mmser_fps']:>10.3f} "
-            f"{r['ratio']:>7.3f} {r['draft_kept']:>5.2f} {r['mmser_plain_fps']:>10.3f} "
+            f"{r['batch_size']:>6} {r['simple_fps']:>11.3f} {drafted} "
+            f"{r['mmser_plain_fps']:>10.3f} "
             f"{r['ratio_plain']:>7.3f} {st.get('vision', 0):>9.2f} {st.get('coarse', 0):>9.2f} "
             f"{st.get('refine', 0):>9.2f} "
             f"{r['simple_gflop_per_s']:>6.0f} /{r['refine_gflop_per_s']:>5.0f}"
         )
-    print("(mmser: drafts from the coarse caption, `kept` of them kept; plain: draft_tokens 0;"
+    print("(mmser: drafts from the coarse caption, `kept` of them kept, timed with --drafts; "
+          "plain: draft_tokens 0;"
           " stage seconds are plain MM-SeR's; GFLOP/s: the simple model / plain refinement)")
     if sweep:
         print(
@@ -369,15 +402,17 @@ def main() -> None:
         f"{flops['mmser_plain']['connector'] / 1e9:.1f}); flop_ratio {result['flop_ratio']:.3f}"
         " = the time ratio's floor where captioning is compute-bound"
     )
-    print(
-        f"recording the state: during decoding {recording['record_during_s']:.2f} s, after it "
-        f"{recording['record_after_s']:.2f} s (coarse pass, batch {top['batch_size']}): "
-        f"{recording['cheaper']} is cheaper"
-    )
+    if recording:
+        print(
+            f"recording the state: during decoding {recording['record_during_s']:.2f} s, after "
+            f"it {recording['record_after_s']:.2f} s (coarse pass, batch {top['batch_size']}): "
+            f"{recording['cheaper']} is cheaper"
+        )
+    drafted = f", drafted = {top['ratio']:.3f}" if drafts else ""
     print(
         f"coarse_pass_ratio = {result['coarse_pass_ratio']:.3f} (MM-SeR's first pass / the "
         f"simple model's), refine_overhead_ratio (plain) = {result['refine_overhead_ratio']:.3f}"
-        f", drafted = {result['refine_overhead_ratio_drafted']:.3f} -> {out_path}"
+        f"{drafted} -> {out_path}"
     )
 
 
