@@ -396,7 +396,11 @@ class MMSeRForConditionalGeneration(MMSeRTrainingForward, LlavaForConditionalGen
         `zero` replaces them by zeros (a control: what refinement does without them)."""
         if self.ser_connector is None:
             raise CaptionerError("this checkpoint has no SeR-Connector (config.refine is false)")
-        multi = features.multi_layer[state.rows]
+        multi, rows = features.multi_layer, state.rows
+        if rows.numel() != multi.shape[0] or not torch.equal(
+            rows, torch.arange(rows.numel(), device=rows.device)
+        ):
+            multi = multi[rows]  # rows dropped: (b, L, N, Dv), a copy; all rows: no copy
         refine = self.ser_connector(multi, state.saliency, state.cond, state.token_mask)
         return torch.zeros_like(refine) if zero else refine
 
