@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from captioner.base import captioner_identity
 from captioner.mmser import DECODER_LINEARS, build
 from captioner.packed_linear import (
     MAX_PACKED_ROWS,
@@ -85,6 +86,13 @@ def test_setting_resolution():
     assert not packing_applies(None, cuda, torch.float32)
     assert not packing_applies(False, cpu, torch.float32)
     assert packing_applies(True, cuda, torch.bfloat16)  # asked; the forward only packs CPU fp32
+
+
+def test_packing_is_not_part_of_the_captioner_identity():
+    """Speed only: captions cached with packed linears serve a run without, and back."""
+    assert captioner_identity(settings(True), "mmser") == captioner_identity(
+        settings(False), "mmser"
+    )
 
 
 def settings(packed: bool) -> CaptionerSettings:
