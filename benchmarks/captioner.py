@@ -264,6 +264,10 @@ def main() -> None:
                 runs[name].append(timed(captioner, frames, batch))
         best = {name: median_run(name_runs) for name, name_runs in runs.items()}
         secs = {name: run[0] for name, run in best.items()}
+        refine_s = best["mmser_plain"][1].get("refine", 0.0)
+        # Each repeat's MM-SeR run over the simple model's run just before it: drift in the
+        # machine's load between repeats cancels within a pair.
+        pairs = list(zip(runs["simple"], runs["mmser_plain"], strict=True))
         row = {
             "batch_size": batch,
             "frames": n,
@@ -271,6 +275,21 @@ def main() -> None:
             "mmser_plain_fps": n / secs["mmser_plain"],
             "simple_s": secs["simple"],
             "mmser_plain_s": secs["mmser_plain"],
+            # MM-SeR's first pass (vision + coarse caption) over the simple model's
+            # identical pass: what the refinement machinery costs before it refines.
+            "coarse_pass_ratio": (secs["mmser_plain"] - refine_s) / secs["simple"],
+            "ratio_plain": secs["mmser_plain"] / secs["simple"],
+            "repeat_s": {name: [run[0] for run in name_runs] for name, name_runs in runs.items()},
+            "ratio_plain_paired": statistics.median(
+                plain[0] / simple[0] for simple, plain in pairs),
+            "coarse_pass_ratio_paired": statistics.median(
+                (plain[0] - plain[1].get("refine", 0.0)) / simple[0] for simple, plain in pairs),
+            # Operations per second: the simple model's whole pass, and plain MM-SeR's
+            # refinement stage (its extra operations over its refine seconds).
+            "simple_gflop_per_s": n * flops["simple"]["per_frame"] / secs["simple"] / 1e9,
+            "refine_gflop_per_s": n * refine_flops / refine_s / 1e9,
+            "simple_stages_s": best["simple"][1],
+            "mmser_plain_stages_s": best["mmser_plain"][1],
         }
         if drafts:
             counters = best["mmser"][2]
@@ -283,32 +302,7 @@ def main() -> None:
                 / max(1, counters.get("draft_proposed", 0)),
                 "mmser_stages_s": best["mmser"][1],
             })
-        # Each repeat's MM-SeR run over the simple model's run just before it: drift in the
-        # machine's load between repeats cancels within a pair.
-        pairs = list(zip(runs["simple"], runs["mmser_plain"], strict=True))
-        row.update({
-            "repeat_s": {name: [run[0] for run in name_runs] for name, name_runs in runs.items()},
-            "ratio_plain_paired": statistics.median(
-                plain[0] / simple[0] for simple, plain in pairs),
-            "coarse_pass_ratio_paired": statistics.median(
-                (plain[0] - plain[1].get("refine", 0.0)) / simple[0] for simple, plain in pairs),
-        })
-        rows.append(
-            {
-                **row,
-                # MM-SeR's first pass (vision + coarse caption) over the simple model's
-                # identical pass: what the refinement machinery costs before it refines.
-                "coarse_pass_ratio": (secs["mmser_plain"]
-                                      - best["mmser_plain"][1].get("refine", 0.0)) / secs["simple"],
-                "ratio_plain": secs["mmser_plain"] / secs["simple"],
-                # Operations per second: the simple model's whole pass, and plain MM-SeR's
-                # refinement stage (its extra operations over its refine seconds).
-                "simple_gflop_per_s": n * flops["simple"]["per_frame"] / secs["simple"] / 1e9,
-                "refine_gflop_per_s": n * refine_flops / best["mmser_plain"][1]["refine"] / 1e9,
-                "simple_stages_s": best["simple"][1],
-                "mmser_plain_stages_s": best["mmser_plain"][1],
-            }
-        )
+        rows.append(row)
         drafted = f", drafted {n / secs['mmser']:.2f}" if drafts else ""
         print(f"batch {batch}: simple {n / secs['simple']:.2f} fps, mmser plain "
               f"{n / secs['mmser_plain']:.2f} fps{drafted}", flush=True)

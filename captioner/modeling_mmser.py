@@ -396,11 +396,11 @@ class MMSeRForConditionalGeneration(MMSeRTrainingForward, LlavaForConditionalGen
         `zero` replaces them by zeros (a control: what refinement does without them)."""
         if self.ser_connector is None:
             raise CaptionerError("this checkpoint has no SeR-Connector (config.refine is false)")
-        multi, rows = features.multi_layer, state.rows
-        if rows.numel() != multi.shape[0] or not torch.equal(
-            rows, torch.arange(rows.numel(), device=rows.device)
-        ):
-            multi = multi[rows]  # rows dropped: (b, L, N, Dv), a copy; all rows: no copy
+        multi = features.multi_layer
+        # Rows only ever shrink to a sorted subset (PassState.select), so all of them left
+        # means the features as they are: no (B, L, N, Dv) copy.
+        if state.rows.numel() != multi.shape[0]:
+            multi = multi[state.rows]
         refine = self.ser_connector(multi, state.saliency, state.cond, state.token_mask)
         return torch.zeros_like(refine) if zero else refine
 
