@@ -1,6 +1,6 @@
 """Simple model vs MM-SeR: frames/s at the real architecture sizes, random weights.
 
-    python -m benchmarks.captioner                       # CPU: batch 32, 60 tokens, 3 repeats
+    python -m benchmarks.captioner                       # CPU: batch 32, 60 tokens, 4 repeats
     python -m benchmarks.captioner --batch-sizes 1 4 --new-tokens 8     # a quick check
     python -m benchmarks.captioner --device cuda         # GPU, batches 64 128 256
     python -m benchmarks.captioner --drafts              # CPU, drafted refinement too
@@ -40,6 +40,7 @@ from captioner.mmser import MMSeRCaptioner
 from captioner.modeling_mmser import (
     MMSeRForConditionalGeneration,
     PassState,
+    VisionFeatures,
     count_parameters,
 )
 from captioner.packed_linear import PackedDecodeLinear
@@ -169,14 +170,20 @@ def recording_cost(
     (hooks, then one step feeding the last token) or after it (one teacher-forced forward
     over the caption), interleaved `repeats` times (median); the cheaper is the default."""
     model = mmser.model
-    pixels = mmser.processor(images=list(frames), return_tensors="pt")["pixel_values"]
+    # The features of two frames, repeated to the batch: the coarse pass does the same work
+    # on any features (dense operations, fixed caption length), and the batch's vision pass
+    # would cost more than the two coarse passes timed here on a CPU.
+    pixels = mmser.processor(images=list(frames[:2]), return_tensors="pt")["pixel_values"]
     with torch.inference_mode():
         features = model.encode_images(pixels.to(mmser.device, mmser.dtype))
+    picks = torch.arange(len(frames), device=mmser.device) % 2
+    features = VisionFeatures(features.image_embeds[picks], features.multi_layer[picks])
     ids = mmser.prompt_ids[None].expand(len(frames), -1)
     T, n_instr = mmser.generation.max_new_tokens, len(mmser.instruction_ids)
     seconds: dict[str, list[float]] = {"during": [], "after": []}
-    for _ in range(repeats):
-        for mode in seconds:
+    for repeat in range(repeats):
+        # ABBA order: a steady drift in the machine's speed cancels over two repeats.
+        for mode in list(seconds)[:: 1 if repeat % 2 == 0 else -1]:
             mmser._sync()
             start = time.perf_counter()
             model.caption_pass(
@@ -204,12 +211,13 @@ def main() -> None:
                         choices=["auto", "bfloat16", "float16", "float32"],
                         help="auto: bfloat16 on a GPU or a CPU with native bf16, else float32")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=None,
-                        help="default: 32 on cpu (3 repeats fit 30 minutes), 64 128 256 on cuda")
+                        help="default: 32 on cpu (4 repeats fit 30 minutes), 64 128 256 on cuda")
     parser.add_argument("--frames", type=int, default=None,
                         help="frames per batch size (default: one batch)")
     parser.add_argument("--new-tokens", type=int, default=60, help="fixed caption length")
-    parser.add_argument("--repeats", type=int, default=3,
-                        help="alternate simple/mmser runs this many times; report medians")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="alternate simple/mmser runs this many times (ABBA order) and "
+                        "report medians (default: 4 on cpu, 3 on cuda)")
     parser.add_argument("--drafts", action=argparse.BooleanOptionalAction, default=None,
                         help="also time MM-SeR with drafted refinement and the agreement sweep "
                         "(default: on a GPU only; the product drafts only there)")
@@ -227,10 +235,12 @@ def main() -> None:
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     print(f"dtype {args.dtype} ({dtype_reason})", flush=True)
     cuda = device.type == "cuda"
+    if args.repeats is None:
+        args.repeats = 3 if cuda else 4
     batch_sizes = args.batch_sizes or ([64, 128, 256] if cuda else [32])
     out_path = args.out or RESULTS / ("captioner_cuda.json" if cuda else "captioner.json")
     # On a CPU (2 cores: ~3 min a batch of 32 per captioner) the default run times what the
-    # product runs there, so 3 repeats fit 30 minutes: no drafts, one recording pair.
+    # product runs there, so 4 repeats fit 30 minutes: no drafts, one recording pair.
     drafts = cuda if args.drafts is None else args.drafts
     recording_repeats = args.recording_repeats
     if recording_repeats is None:
@@ -258,10 +268,15 @@ def main() -> None:
         n = args.frames or batch
         frames = rng.integers(0, 256, (n, 336, 336, 3), dtype=np.uint8)
         # Interleaved runs, each captioner's median: load from other jobs hits all alike.
+        # ABBA order (reversed every other repeat): a steady drift in the machine's speed
+        # favours neither captioner over two repeats.
         runs: dict[str, list[tuple[float, dict, dict]]] = {name: [] for name in captioners}
-        for _ in range(args.repeats):
-            for name, captioner in captioners.items():
-                runs[name].append(timed(captioner, frames, batch))
+        for repeat in range(args.repeats):
+            names = list(captioners)[:: 1 if repeat % 2 == 0 else -1]
+            for name in names:
+                runs[name].append(timed(captioners[name], frames, batch))
+                print(f"  repeat {repeat + 1}/{args.repeats} {name}: "
+                      f"{runs[name][-1][0]:.1f} s", flush=True)
         best = {name: median_run(name_runs) for name, name_runs in runs.items()}
         secs = {name: run[0] for name, run in best.items()}
         refine_s = best["mmser_plain"][1].get("refine", 0.0)
@@ -280,10 +295,9 @@ def main() -> None:
             "coarse_pass_ratio": (secs["mmser_plain"] - refine_s) / secs["simple"],
             "ratio_plain": secs["mmser_plain"] / secs["simple"],
             "repeat_s": {name: [run[0] for run in name_runs] for name, name_runs in runs.items()},
-            "ratio_plain_paired": statistics.median(
-                plain[0] / simple[0] for simple, plain in pairs),
-            "coarse_pass_ratio_paired": statistics.median(
-                (plain[0] - plain[1].get("refine", 0.0)) / simple[0] for simple, plain in pairs),
+            "ratio_plain_pairs": [plain[0] / simple[0] for simple, plain in pairs],
+            "coarse_pass_ratio_pairs": [
+                (plain[0] - plain[1].get("refine", 0.0)) / simple[0] for simple, plain in pairs],
             # Operations per second: the simple model's whole pass, and plain MM-SeR's
             # refinement stage (its extra operations over its refine seconds).
             "simple_gflop_per_s": n * flops["simple"]["per_frame"] / secs["simple"] / 1e9,
@@ -291,6 +305,8 @@ def main() -> None:
             "simple_stages_s": best["simple"][1],
             "mmser_plain_stages_s": best["mmser_plain"][1],
         }
+        for key in ("ratio_plain", "coarse_pass_ratio"):
+            row[f"{key}_paired"] = statistics.median(row[f"{key}_pairs"])
         if drafts:
             counters = best["mmser"][2]
             row.update({
@@ -416,11 +432,17 @@ def main() -> None:
             f"{recording['cheaper']} is cheaper"
         )
     drafted = f", drafted = {top['ratio']:.3f}" if drafts else ""
+
+    def spread(key: str) -> str:
+        """The range of a ratio over the repeats' pairs."""
+        return f"[{min(top[key]):.3f}, {max(top[key]):.3f}]"
+
     print(
         f"coarse_pass_ratio = {result['coarse_pass_ratio']:.3f} (MM-SeR's first pass / the "
         f"simple model's), refine_overhead_ratio (plain) = {result['refine_overhead_ratio']:.3f}"
-        f"{drafted}; medians of per-repeat pairs: {top['coarse_pass_ratio_paired']:.3f} and "
-        f"{top['ratio_plain_paired']:.3f} -> {out_path}"
+        f"{drafted}; medians of per-repeat pairs: {top['coarse_pass_ratio_paired']:.3f} "
+        f"{spread('coarse_pass_ratio_pairs')} and {top['ratio_plain_paired']:.3f} "
+        f"{spread('ratio_plain_pairs')} -> {out_path}"
     )
 
 

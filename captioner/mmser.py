@@ -201,7 +201,8 @@ class MMSeRCaptioner(Captioner):
         pixels = pixels.to(self.device, self.dtype)  # (B, 3, H, W)
         lap("preprocess")
         with torch.inference_mode():
-            features = self.model.encode_images(pixels)
+            # The simple model (no refinement) keeps no connector features.
+            features = self.model.encode_images(pixels, multi_layer=self.refine_steps > 0)
         lap("vision")
         input_ids = self.prompt_ids[None].expand(B, -1)  # one prompt: no padding needed
         mask = torch.ones_like(input_ids)

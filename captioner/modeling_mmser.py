@@ -95,14 +95,17 @@ class MMSeRForConditionalGeneration(MMSeRTrainingForward, LlavaForConditionalGen
 
     # -- vision: one pass per image --------------------------------------------------------
 
-    def encode_images(self, pixel_values: torch.Tensor) -> VisionFeatures:
-        """pixel_values (B, 3, H, W) -> VisionFeatures; the vision tower runs once."""
+    def encode_images(
+        self, pixel_values: torch.Tensor, multi_layer: bool = True
+    ) -> VisionFeatures:
+        """pixel_values (B, 3, H, W) -> VisionFeatures; the vision tower runs once.
+        `multi_layer` False skips the connector's features (a pass that will not refine)."""
         cfg = self.config
         out = self.model.vision_tower(pixel_values, output_hidden_states=True)
         hidden = out.hidden_states  # num_layers + 1 tensors of (B, 1 + N, Dv)
         image_embeds = self.model.multi_modal_projector(hidden[cfg.vision_feature_layer][:, 1:])
         multi = None
-        if self.ser_connector is not None:
+        if self.ser_connector is not None and multi_layer:
             multi = torch.stack([hidden[i][:, 1:] for i in cfg.connector_layers], dim=1)
         return VisionFeatures(image_embeds=image_embeds, multi_layer=multi)
 

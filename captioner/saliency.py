@@ -35,16 +35,19 @@ def attention_saliency(
     # A query always sees itself, even where the mask has a hole (EOS, padding): its
     # row then stays finite; such rows carry no weight below.
     allowed = allowed | (key_pos[None, :] == query_pos[:, None])
-    gather_idx = image_pos[:, None, None, :].expand(B, H, T, N)
-    saliency = torch.zeros(B, T, N, device=mask.device)
+    # Each layer's attention rows, weighted by the caption tokens they belong to and
+    # summed over heads and tokens, then read at the image positions: reducing first keeps
+    # the work to one (B, Pc) sum per layer instead of a (B, H, T, N) gather.
+    weight = token_mask.float()  # (B, T)
+    weight = weight / (weight.sum(1, keepdim=True).clamp_min(1.0) * H * len(queries))
+    per_key = torch.zeros(B, Pc, device=mask.device)
     for q, k in zip(queries, keys, strict=True):
         k = k[:, :, :Pc].float()  # (B, H, Pc, D/H)
         q = q.float().view(B, T, H, D // H).transpose(1, 2) * scale  # (B, H, T, D/H)
         scores = (q @ k.transpose(-1, -2)).masked_fill(~allowed, float("-inf"))
         probs = scores.softmax(-1)  # (B, H, T, Pc)
-        saliency += probs.gather(-1, gather_idx).mean(1)  # (B, T, N)
-    weight = token_mask.float()[..., None]  # (B, T, 1)
-    saliency = (saliency * weight).sum(1) / weight.sum(1).clamp_min(1.0)  # (B, N)
+        per_key += torch.einsum("bhtp,bt->bp", probs, weight)
+    saliency = per_key.gather(1, image_pos)  # (B, N)
     total = saliency.sum(-1, keepdim=True)
     uniform = torch.full_like(saliency, 1.0 / N)
     return torch.where(total > 0, saliency / total.clamp_min(1e-12), uniform)

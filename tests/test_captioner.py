@@ -137,6 +137,38 @@ def test_saliency_shape_and_normalised(mmser, frames):
     assert state.cond.shape == (*state.tokens.shape, mmser.model.config.text_config.hidden_size)
 
 
+def test_saliency_is_the_lms_own_attention_to_the_image(tiny_dir, frames):
+    """The saliency map equals the attention weights transformers' eager attention returns
+    for the written caption, read at the image tokens and averaged over the saliency
+    layers, heads and real caption tokens (then normalised)."""
+    captioner = build(settings(), "mmser", checkpoint=tiny_dir)
+    model = captioner.model
+    pixels = captioner.processor(images=frames, return_tensors="pt")["pixel_values"]
+    features = model.encode_images(pixels)
+    ids = captioner.prompt_ids[None].expand(len(frames), -1)
+    state = model.caption_pass(
+        ids, torch.ones_like(ids), features, captioner.generation, keep_state=True,
+        cache_room=NEW_TOKENS,
+    )
+    P, T = ids.shape[1], state.tokens.shape[1]
+    model.set_attn_implementation("eager")
+    with torch.inference_mode():
+        out = model.model.language_model(
+            inputs_embeds=state.embeds[:, : P + T], attention_mask=state.mask[:, : P + T],
+            output_attentions=True,
+        )
+    expected = torch.zeros_like(state.saliency)
+    weight = state.token_mask.float()
+    assert bool((weight.sum(1) > 0).all())
+    for layer in model.config.saliency_layers:
+        attn = out.attentions[layer][:, :, P : P + T]  # (B, H, T, P + T): caption queries
+        at_image = attn.gather(-1, state.image_pos[:, None, None, :].expand(
+            -1, attn.shape[1], T, -1)).mean(1)  # (B, T, N)
+        expected += (at_image * weight[..., None]).sum(1) / weight.sum(1, keepdim=True)
+    expected /= expected.sum(-1, keepdim=True)
+    torch.testing.assert_close(state.saliency, expected, atol=1e-6, rtol=1e-4)
+
+
 def test_reused_cache_equals_full_prefill(tiny_dir, frames):
     reuse = build(settings(reuse_cache=True), "mmser", checkpoint=tiny_dir)
     full = build(settings(reuse_cache=False), "mmser", checkpoint=tiny_dir)
