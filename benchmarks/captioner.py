@@ -81,6 +81,12 @@ def build_captioners(
     return captioners, count_parameters(model)
 
 
+def abba(names: list[str], repeat: int) -> list[str]:
+    """`names` in order on even repeats, reversed on odd ones (ABBA): a steady drift in the
+    machine's speed favours none of them over two repeats."""
+    return names if repeat % 2 == 0 else names[::-1]
+
+
 def timed(
     captioner: MMSeRCaptioner, frames: np.ndarray, batch: int
 ) -> tuple[float, dict[str, float], dict[str, int]]:
@@ -182,8 +188,7 @@ def recording_cost(
     T, n_instr = mmser.generation.max_new_tokens, len(mmser.instruction_ids)
     seconds: dict[str, list[float]] = {"during": [], "after": []}
     for repeat in range(repeats):
-        # ABBA order: a steady drift in the machine's speed cancels over two repeats.
-        for mode in list(seconds)[:: 1 if repeat % 2 == 0 else -1]:
+        for mode in abba(list(seconds), repeat):
             mmser._sync()
             start = time.perf_counter()
             model.caption_pass(
@@ -267,13 +272,11 @@ def main() -> None:
     for batch in batch_sizes:
         n = args.frames or batch
         frames = rng.integers(0, 256, (n, 336, 336, 3), dtype=np.uint8)
-        # Interleaved runs, each captioner's median: load from other jobs hits all alike.
-        # ABBA order (reversed every other repeat): a steady drift in the machine's speed
-        # favours neither captioner over two repeats.
+        # Interleaved runs in ABBA order, each captioner's median: load from other jobs
+        # hits all alike.
         runs: dict[str, list[tuple[float, dict, dict]]] = {name: [] for name in captioners}
         for repeat in range(args.repeats):
-            names = list(captioners)[:: 1 if repeat % 2 == 0 else -1]
-            for name in names:
+            for name in abba(list(captioners), repeat):
                 runs[name].append(timed(captioners[name], frames, batch))
                 print(f"  repeat {repeat + 1}/{args.repeats} {name}: "
                       f"{runs[name][-1][0]:.1f} s", flush=True)

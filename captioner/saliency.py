@@ -35,11 +35,10 @@ def attention_saliency(
     # A query always sees itself, even where the mask has a hole (EOS, padding): its
     # row then stays finite; such rows carry no weight below.
     allowed = allowed | (key_pos[None, :] == query_pos[:, None])
-    # Each layer's attention rows, weighted by the caption tokens they belong to and
-    # summed over heads and tokens, then read at the image positions: reducing first keeps
-    # the work to one (B, Pc) sum per layer instead of a (B, H, T, N) gather.
+    # Each layer's attention rows summed over heads and real caption tokens, then read at
+    # the image positions: reducing first keeps the work to one (B, Pc) sum per layer
+    # instead of a (B, H, T, N) gather. Per-row scale is irrelevant: rows are normalised.
     weight = token_mask.float()  # (B, T)
-    weight = weight / (weight.sum(1, keepdim=True).clamp_min(1.0) * H * len(queries))
     per_key = torch.zeros(B, Pc, device=mask.device)
     for q, k in zip(queries, keys, strict=True):
         k = k[:, :, :Pc].float()  # (B, H, Pc, D/H)
