@@ -8,8 +8,9 @@ The simple model is transformers' LLaVA with an OPT text model (the subclass onl
 where OPT keeps its tied embeddings). Self-refinement is OUR RECONSTRUCTION of the paper
 (Song et al., arXiv 2508.21451, no code released):
 
-1. `encode_images`: the vision tower runs once per image; layer -2 (without CLS) is
-   projected into the LM (LLaVA-1.5), and the `connector_layers` patch features are kept.
+1. `encode_images`: the vision tower runs once per image, up to the deepest layer read
+   (its last layer never does); layer -2 (without CLS) is projected into the LM
+   (LLaVA-1.5), and the `connector_layers` patch features are kept.
 2. `caption_pass`: the LM writes the coarse caption. Forward hooks keep, for every caption
    token, the query of the saliency layers and the final hidden state AT THAT TOKEN (the
    state that has read it; the last token is fed once more after decoding so the state
@@ -61,6 +62,7 @@ from captioner.mmser_training_forward import MMSeRTrainingForward
 from captioner.saliency import attention_saliency
 from captioner.sequence import caption_mask
 from captioner.ser_connector import SeRBlock, SeRConnector
+from captioner.vision_layers import vision_hidden_states
 
 # --- the model ----------------------------------------------------------------------------
 
@@ -101,11 +103,13 @@ class MMSeRForConditionalGeneration(MMSeRTrainingForward, LlavaForConditionalGen
         """pixel_values (B, 3, H, W) -> VisionFeatures; the vision tower runs once.
         `multi_layer` False skips the connector's features (a pass that will not refine)."""
         cfg = self.config
-        out = self.model.vision_tower(pixel_values, output_hidden_states=True)
-        hidden = out.hidden_states  # num_layers + 1 tensors of (B, 1 + N, Dv)
+        connector = self.ser_connector is not None and multi_layer
+        read = [cfg.vision_feature_layer, *(cfg.connector_layers if connector else [])]
+        # Only the layers up to the deepest one read run (the last CLIP layer never does).
+        hidden = vision_hidden_states(self.model.vision_tower, pixel_values, read)
         image_embeds = self.model.multi_modal_projector(hidden[cfg.vision_feature_layer][:, 1:])
         multi = None
-        if self.ser_connector is not None and multi_layer:
+        if connector:
             multi = torch.stack([hidden[i][:, 1:] for i in cfg.connector_layers], dim=1)
         return VisionFeatures(image_embeds=image_embeds, multi_layer=multi)
 

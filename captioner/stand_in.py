@@ -47,6 +47,7 @@ from transformers import (
 from captioner.base import image_backend
 from captioner.errors import CaptionerError
 from captioner.train_data import CaptionSample, decode_rgb
+from captioner.vision_layers import vision_hidden_states
 
 log = logging.getLogger("mmser.stand_in")
 
@@ -85,7 +86,7 @@ class PatchClassifier(nn.Module):
                 image_labels: torch.Tensor) -> dict[str, Any]:
         """pixel_values (B, 3, H, W); patch_labels (B, A, N) class per attribute and patch
         (0: no object); image_labels (B, S) -> loss and predictions."""
-        hidden = self.vision(pixel_values, output_hidden_states=True).hidden_states[self.layer]
+        hidden = vision_hidden_states(self.vision, pixel_values, [self.layer])[self.layer]
         patches = hidden[:, 1:]  # (B, N, D), CLS dropped as LLaVA-1.5 drops it
         patch_logits = [head(patches) for head in self.patch_heads]  # A x (B, N, C)
         image_logits = [head(patches.mean(1)) for head in self.image_heads]  # S x (B, C)

@@ -107,18 +107,34 @@ def test_refined_differs_from_coarse_path(mmser, tiny_dir, frames):
     assert any(r.caption != r.coarse_caption for r in batch.results)
 
 
-def test_vision_tower_runs_once_per_image(tiny_dir, frames):
-    captioner = build(settings(refine_steps=3), "mmser", checkpoint=tiny_dir)
+def vision_calls(captioner, frames) -> tuple[list[int], int, object]:
+    """Captions `frames`: (the batch size of each vision pass, how often the tower's last
+    layer ran, the batch)."""
+    tower = captioner.model.model.vision_tower
     seen: list[int] = []
-    hook = captioner.model.model.vision_tower.register_forward_hook(
-        lambda module, args, out: seen.append(args[0].shape[0])
-    )
+    last: list[int] = []
+    hooks = [
+        tower.embeddings.register_forward_hook(lambda m, a, o: seen.append(len(a[0]))),
+        tower.encoder.layers[-1].register_forward_hook(lambda m, a, o: last.append(1)),
+    ]
     try:
         batch = captioner.caption_batch(frames)
     finally:
-        hook.remove()
+        for hook in hooks:
+            hook.remove()
+    return seen, len(last), batch
+
+
+def test_vision_tower_runs_once_per_image(tiny_dir, frames):
+    """One vision pass per batch, however many refinement passes; the tower runs only up
+    to the deepest layer read: the simple model (layer -2 only) never runs the last."""
+    seen, last, batch = vision_calls(build(settings(refine_steps=3), "mmser",
+                                           checkpoint=tiny_dir), frames)
     assert seen == [len(frames)]
+    assert last == 1  # the tiny connector reads every layer
     assert max(r.refine_passes for r in batch.results) >= 2
+    seen, last, _ = vision_calls(build(settings(), "simple", checkpoint=tiny_dir), frames)
+    assert seen == [len(frames)] and last == 0
 
 
 def test_saliency_shape_and_normalised(mmser, frames):
