@@ -15,6 +15,7 @@ from huggingface_hub.dataclasses import strict
 from transformers import CLIPVisionConfig, LlavaConfig, OPTConfig
 
 from captioner.errors import CaptionerError
+from captioner.vision_layers import layer_index
 
 
 def clip_vit_l14_336_config() -> CLIPVisionConfig:
@@ -108,8 +109,8 @@ class MMSeRConfig(LlavaConfig):
                 "MMSeRConfig: vision_feature_layer must be one int (LLaVA-1.5 uses -2); "
                 "multi-layer features belong in connector_layers"
             )
+        last = layer_index(self.vision_feature_layer, n_vision, "MMSeRConfig: vision_feature_layer")
         if self.connector_layers is None:
-            last = self.vision_feature_layer % (n_vision + 1)
             step = max(1, last // 4)
             self.connector_layers = sorted({max(1, last - i * step) for i in range(4)})
         bad = [i for i in self.connector_layers if not -(n_vision + 1) <= i <= n_vision]

@@ -18,11 +18,14 @@ from torch import nn
 from captioner.errors import CaptionerError
 
 
-def layer_index(index: int, num_layers: int) -> int:
+def layer_index(index: int, num_layers: int, name: str = "hidden-state index") -> int:
     """A `hidden_states` index (0 = the embeddings after pre-LayerNorm, i = output of layer
-    i, negative from the end) as a non-negative one."""
+    i, negative from the end) as a non-negative one; `name` says what it is in the error."""
     if not -(num_layers + 1) <= index <= num_layers:
-        raise ValueError(f"hidden-state index {index} out of range for {num_layers} layers")
+        raise CaptionerError(
+            f"{name} {index} out of range for a vision tower with {num_layers} "
+            f"layers (allowed {-(num_layers + 1)}..{num_layers})"
+        )
     return index % (num_layers + 1)
 
 

@@ -54,7 +54,22 @@ def test_gradients_reach_the_layers_run(tower):
 
 
 def test_bad_indices_and_towers_are_refused(tower):
-    with pytest.raises(ValueError, match="out of range"):
+    with pytest.raises(CaptionerError, match="out of range"):
         vision_hidden_states(tower, torch.randn(1, 3, 28, 28), [LAYERS + 1])
     with pytest.raises(CaptionerError, match="CLIPVisionModel"):
         vision_hidden_states(torch.nn.Linear(2, 2), torch.randn(1, 2), [0])
+
+
+def test_config_refuses_a_vision_feature_layer_the_tower_lacks():
+    from captioner.configuration_mmser import MMSeRConfig, real_config
+
+    real = real_config(image_token_index=5)  # CLIP ViT-L/14-336: 24 layers
+    parts = {"vision_config": real.vision_config.to_dict(),
+             "text_config": real.text_config.to_dict(), "image_token_index": 5}
+    # The ends of the range are accepted: -25 is the embeddings, 24 the last layer.
+    assert MMSeRConfig(**parts, vision_feature_layer=24).connector_layers == [6, 12, 18, 24]
+    assert MMSeRConfig(**parts, vision_feature_layer=-25).connector_layers == [1]
+    with pytest.raises(CaptionerError, match="vision_feature_layer -26 out of range"):
+        MMSeRConfig(**parts, vision_feature_layer=-26)
+    with pytest.raises(CaptionerError, match="vision_feature_layer 25 out of range"):
+        MMSeRConfig(**parts, vision_feature_layer=25)
